@@ -1,0 +1,57 @@
+"""The `gqa-convert` command line: thin Typer wrappers over the library API."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from .convert_cmd import EPILOG as CONVERT_EPILOG
+from .convert_cmd import convert_command
+
+app = typer.Typer(
+    name="gqa-convert",
+    help=(
+        "Convert multi-head-attention checkpoints to grouped-query (GQA) or multi-query (MQA) attention, "
+        "as in Ainslie et al. 2023 (arXiv 2305.13245). GQA-G keeps G KV heads, so the KV cache is G/H the size.\n\n"
+        "[bold]gqa-convert MODEL --groups G[/] is short for [bold]gqa-convert convert MODEL --groups G[/]."
+    ),
+    epilog=CONVERT_EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("convert", epilog=CONVERT_EPILOG, no_args_is_help=True)(convert_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gqa-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
+_ROOT_FLAGS = {"--help", "-h", "--version"}
+
+
+def command_names() -> set[str]:
+    return {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def normalize_argv(args: list[str]) -> list[str]:
+    """`gqa-convert MODEL --groups 8` means `gqa-convert convert MODEL --groups 8`."""
+    if args and args[0] not in command_names() and args[0] not in _ROOT_FLAGS:
+        return ["convert", *args]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=normalize_argv(list(sys.argv[1:] if argv is None else argv)), prog_name="gqa-convert")

@@ -1,0 +1,112 @@
+"""`gqa-convert convert` (also the bare `gqa-convert MODEL ...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from ..convert import ConvertReport, convert
+from ..kvcache import human_bytes
+from ..methods import METHODS
+from ..plan import ConversionPlan
+from .common import console, parse_size, print_json, user_errors
+
+EPILOG = """[bold]Examples[/]
+
+  gqa-convert ./llama-2-7b --groups 8                 [dim]# writes ./llama-2-7b-gqa8[/]
+
+  gqa-convert meta-llama/Llama-2-7b-hf --mqa --out ./l2-mqa
+
+  gqa-convert ./model --groups 4 --dry-run            [dim]# show the plan, write nothing[/]
+
+  gqa-convert ./model --groups 2 --method first --json > report.json
+
+Exit codes: 0 success, 2 bad input or usage, 1 unexpected failure, 130 interrupted."""
+
+
+def _summary(r: ConvertReport) -> Table:
+    kv = r.kv_cache
+    t = Table(title="dry run: nothing written" if r.dry_run else "converted", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("source", r.source)
+    t.add_row("output", r.output)
+    t.add_row("family", f"{r.family}, {r.n_layers} layers, head_dim {r.head_dim}")
+    t.add_row("heads", f"{r.n_heads} query; KV {r.kv_heads_before} -> {r.kv_heads_after} ({r.method})")
+    t.add_row(
+        "KV cache / token",
+        f"{human_bytes(kv['bytes_per_token_before'])} -> {human_bytes(kv['bytes_per_token_after'])} "
+        f"(saves {kv['saving']:.1%})",
+    )
+    t.add_row("size", f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} in {len(r.shards)} shard(s)")
+    if not r.dry_run:
+        t.add_row("time", f"{r.seconds:.1f} s")
+    for stale in r.removed_stale:
+        t.add_row("cleaned", f"removed a stale temporary directory from an interrupted run: {stale}")
+    return t
+
+
+def _plan_table(r: ConvertReport) -> Table:
+    t = Table(title="attention tensors that change", title_justify="left")
+    for col in ("layer", "tensor", "before", "after"):
+        t.add_column(col)
+    for c in r.attention_changes:
+        count = f" x{c['count_before']} -> x{c['count_after']}" if c["count_before"] > 1 else ""
+        t.add_row(str(c["layer"]), c["name"], str(c["before"]), str(c["after"]) + count)
+    return t
+
+
+def convert_command(
+    model: str = typer.Argument(..., help="A local Hugging Face model directory, or a hub id (uses the local cache; honours HF_HUB_OFFLINE)."),
+    groups: Optional[int] = typer.Option(None, "--groups", "-g", help="Number of KV heads (G) to keep; must divide the query heads and the current KV heads.", rich_help_panel="Method"),
+    mqa: bool = typer.Option(False, "--mqa", help="Multi-query attention: the same as --groups 1.", rich_help_panel="Method"),
+    method: str = typer.Option("mean", "--method", "-m", help=f"How K/V heads become groups: {', '.join(f'{k} ({v.summary})' for k, v in METHODS.items())}.", rich_help_panel="Method"),
+    seed: int = typer.Option(0, "--seed", help="Seed for --method random.", rich_help_panel="Method"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: beside the source, named SOURCE-gqaG or SOURCE-mqa].", rich_help_panel="Output"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (only once the new one is complete).", rich_help_panel="Output"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.", rich_help_panel="Output"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a hub id.", rich_help_panel="Output"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor shapes, KV saving, output size); write nothing.", rich_help_panel="Output"),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout.", rich_help_panel="Output"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (errors are still printed).", rich_help_panel="Output"),
+) -> None:
+    """Convert an MHA (or GQA) checkpoint to GQA-G or MQA by pooling K/V heads.
+
+    Query head h reads KV head h // (H/G), as in transformers. The source is never
+    modified; the output appears only when it is complete.
+    """
+    if groups is None and not mqa:
+        raise typer.BadParameter("give --groups G (or --mqa for G = 1)", param_hint="--groups")
+    if groups is not None and mqa and groups != 1:
+        raise typer.BadParameter("--mqa means --groups 1; give one or the other", param_hint="--mqa")
+    n_groups = 1 if mqa else groups
+    shard_bytes = parse_size(max_shard_size)
+    progress = Progress(
+        TextColumn("[bold]converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet or dry_run, transient=True,
+    )
+    task = None
+
+    def on_start(plan: ConversionPlan) -> None:
+        nonlocal task
+        task = progress.add_task("convert", total=plan.bytes_out)
+
+    def on_bytes(n: int) -> None:
+        if task is not None:
+            progress.advance(task, n)
+
+    with user_errors("nothing was written at the output path"), progress:
+        report = convert(
+            model, n_groups, out=out, method=method, seed=seed, max_shard_size=shard_bytes, force=force,
+            dry_run=dry_run, revision=revision, on_start=on_start, on_bytes=on_bytes,
+        )
+    if not quiet:
+        if dry_run:
+            console.print(_plan_table(report))
+        console.print(_summary(report))
+    if json_out:
+        print_json(report.to_dict())

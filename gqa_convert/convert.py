@@ -1,0 +1,263 @@
+"""`convert(...) -> ConvertReport`: the streaming MHA -> GQA/MQA converter.
+
+Tensors are read in the order they lie on disk; untouched ones are copied byte for byte
+into their output shard, and each layer's attention tensors are converted as soon as the
+last of them has been read. Peak memory is about one layer's attention tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .architectures import KV_ROLES
+from .card import MANIFEST, model_card, write_manifest
+from .errors import ConversionError
+from .io.hashing import BackgroundHasher
+from .io.outdir import OutputDir
+from .io.safetensors_format import tensor_bytes
+from .io.source import Source, open_source
+from .io.writer import RawRange, ShardWriter, check_written, shard_file_names
+from .kvcache import kv_summary
+from .methods import LayerContext
+from .plan import DEFAULT_MAX_SHARD, ConversionPlan, LayerPlan, _source_order, build_plan
+
+# Files never copied from the source: weights (ours replace them) and what we write ourselves.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_OWN_FILES = {"config.json", "README.md", MANIFEST, "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did (or, with dry_run, would do). `to_dict()` is the --json output."""
+
+    source: str
+    output: str
+    family: str
+    n_layers: int
+    n_heads: int
+    kv_heads_before: int
+    kv_heads_after: int
+    head_dim: int
+    method: str
+    seed: int
+    kv_cache: dict[str, Any]
+    bytes_in: int
+    bytes_out: int
+    dry_run: bool
+    seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+    attention_changes: list[dict[str, Any]] = field(default_factory=list)
+    removed_stale: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_output(spec: str, root: Path, n_groups: int) -> Path:
+    suffix = "-mqa" if n_groups == 1 else f"-gqa{n_groups}"
+    if Path(spec).expanduser().exists():
+        return root.parent / f"{root.name}{suffix}"
+    return Path.cwd() / f"{spec.rstrip('/').split('/')[-1]}{suffix}"  # a hub id: beside where we run
+
+
+def _attention_changes(plan: ConversionPlan) -> list[dict[str, Any]]:
+    """Every attention tensor whose shape changes, before -> after (for --dry-run)."""
+    changes = []
+    for lp in plan.layers:
+        for role, names in lp.inputs.items():
+            outs = lp.outputs[role]
+            before = [list(plan.source.tensors[n].shape) for n in names]
+            after = [list(t.shape) for t in outs]
+            if before != after:
+                changes.append({"layer": lp.layer, "role": role, "name": names[0], "before": before[0],
+                                "after": after[0], "count_before": len(before), "count_after": len(after)})
+    return changes
+
+
+def _report(plan: ConversionPlan, out: Path, dry_run: bool) -> ConvertReport:
+    s = plan.shape
+    return ConvertReport(
+        source=plan.source.spec,
+        output=str(out),
+        family=plan.family.name,
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        kv_heads_before=s.n_kv_heads,
+        kv_heads_after=plan.n_groups,
+        head_dim=s.head_dim,
+        method=plan.method.name,
+        seed=plan.seed,
+        kv_cache=kv_summary(plan.kv_bytes_per_token(), plan.kv_bytes_per_token(plan.n_groups)),
+        bytes_in=plan.bytes_in,
+        bytes_out=plan.bytes_out,
+        dry_run=dry_run,
+        shards=shard_file_names(len(plan.shards)),
+        attention_changes=_attention_changes(plan),
+    )
+
+
+def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run the method on one layer; returns output tensors by output name."""
+    by_role: dict[str, torch.Tensor] = {}
+    for role, names in lp.inputs.items():
+        parts = [tensors[n] for n in names]
+        # Per-head module lists ("{head}" roles) are stacked: (n_heads, *per_head_shape).
+        by_role[role] = parts[0] if len(names) == 1 and "{head}" not in plan.family.roles[role] else torch.stack(parts)
+        if role in KV_ROLES and by_role[role].is_floating_point() and not torch.isfinite(by_role[role]).all():
+            raise ConversionError(f"{names[0]}: contains NaN or Inf; the checkpoint is damaged, fetch it again.")
+    ctx = LayerContext(
+        layer=lp.layer, shape=plan.shape, n_groups=plan.n_groups, seed=plan.seed,
+        init_range=float(plan.source.config.get("initializer_range", 0.02)),
+        names={role: names[0] for role, names in lp.inputs.items()},
+    )
+    converted = plan.method.convert_layer(by_role, ctx)
+    out: dict[str, torch.Tensor] = {}
+    for role, targets in lp.outputs.items():
+        t = converted[role]
+        parts = list(t.unbind(0)) if "{head}" in plan.family.roles[role] else [t]
+        for target, part in zip(targets, parts, strict=True):
+            if tuple(part.shape) != target.shape or tensor_bytes(part).nbytes != target.nbytes:
+                raise RuntimeError(f"method {plan.method.name} produced {tuple(part.shape)} for {target.name}")
+            out[target.name] = part
+    return out
+
+
+def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], None], hasher: BackgroundHasher) -> None:
+    source = plan.source
+    member_of = {n: lp for lp in plan.layers for n in lp.input_names}
+    writer = ShardWriter(tmp, plan.shards, on_bytes=on_bytes, on_shard_done=lambda p: hasher.submit(p, "out/" + p.name))
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        for name in _source_order(source):
+            if name in plan.dropped:
+                continue
+            lp = member_of.get(name)
+            if lp is None:
+                info = source.tensors[name]
+                if source.format == "safetensors":
+                    writer.write(name, RawRange(info.path, info.begin, info.end))
+                else:
+                    writer.write(name, tensor_bytes(source.read(name)))
+                continue
+            pending.setdefault(lp.layer, {})[name] = source.read(name)
+            if name in plan.emit_after:
+                for out_name, t in convert_layer(plan, lp, pending.pop(lp.layer)).items():
+                    writer.write(out_name, tensor_bytes(t))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _copy_other_files(source: Source, tmp: Path) -> list[str]:
+    copied = []
+    for path in sorted(source.root.rglob("*")):
+        rel = path.relative_to(source.root)
+        if any(part.startswith(".") for part in rel.parts) or path.is_dir():
+            continue
+        if str(rel) in _OWN_FILES or path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp / rel)  # follows hub-cache symlinks to the real file
+        copied.append(str(rel))
+    return copied
+
+
+def _manifest(plan: ConversionPlan, report: ConvertReport, hashes: dict[str, str], copied: list[str], command: str) -> dict[str, Any]:
+    src = plan.source
+    hub = None if Path(src.spec).expanduser().exists() else src.spec
+    return {
+        "tool": {"name": "gqa-convert", "version": __version__, "torch": torch.__version__},
+        "output_name": Path(report.output).name,
+        "source": {
+            "name": str(src.root) if hub is None else hub,
+            "path": str(src.root),
+            "hub_id": hub,
+            "revision": src.revision,
+            "format": src.format,
+            "files": {p.name: hashes[p.name] for p in src.weight_files},
+        },
+        "conversion": {
+            "family": plan.family.name,
+            "method": plan.method.name,
+            "method_summary": plan.method.summary,
+            "seed": plan.seed,
+            "n_layers": plan.shape.n_layers,
+            "n_heads": plan.shape.n_heads,
+            "kv_heads_before": plan.shape.n_kv_heads,
+            "kv_heads_after": plan.n_groups,
+            "head_dim": plan.shape.head_dim,
+            "grouping": [list(range(g * plan.shape.n_kv_heads // plan.n_groups, (g + 1) * plan.shape.n_kv_heads // plan.n_groups))
+                         for g in range(plan.n_groups)],
+            "emulated": False,
+            "dropped_tensors": plan.dropped,
+        },
+        "kv_cache": report.kv_cache,
+        "output": {
+            "bytes": plan.bytes_out,
+            "files": {name: hashes["out/" + name] for name in report.shards},
+            "copied_files": copied,
+        },
+        "command": command,
+    }
+
+
+def convert(
+    model: str | os.PathLike[str],
+    n_groups: int,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    method: str = "mean",
+    seed: int = 0,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    force: bool = False,
+    dry_run: bool = False,
+    revision: str | None = None,
+    on_start: Callable[[ConversionPlan], None] | None = None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    command: str | None = None,
+) -> ConvertReport:
+    """Convert `model` (a local directory or hub id) to `n_groups` KV heads.
+
+    Writes a complete checkpoint at `out` (default: beside the source, suffixed -gqaG or
+    -mqa) or nothing at all. `on_start` receives the plan before writing begins and
+    `on_bytes` the number of bytes each write added (for progress bars).
+    Raises ConversionError for every problem a user can fix.
+    """
+    started = time.perf_counter()
+    source = open_source(model, revision)
+    plan = build_plan(source, n_groups, method, seed=seed, max_shard_size=max_shard_size)
+    target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
+    report = _report(plan, target.absolute(), dry_run)
+    if dry_run:
+        OutputDir(target, source.root, force).check()  # same refusals as a real run; nothing is created
+        return report
+    if on_start:
+        on_start(plan)
+    command = command or shlex.join(["gqa-convert", *sys.argv[1:]])
+    od = OutputDir(target, source.root, force)
+    with od as tmp, BackgroundHasher() as hasher:
+        for f in source.weight_files:
+            hasher.submit(f)
+        _write_weights(plan, tmp, on_bytes, hasher)
+        (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")
+        copied = _copy_other_files(source, tmp)
+        check_written(tmp, plan.shards)
+        manifest = _manifest(plan, report, hasher.results(), copied, command)
+        write_manifest(tmp, manifest)
+        (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+        od.commit()
+    report.removed_stale = [str(p) for p in od.removed_stale]
+    report.seconds = time.perf_counter() - started
+    return report
+

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors headers, sources (local or hub), shards."""

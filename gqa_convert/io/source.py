@@ -1,0 +1,212 @@
+"""Finding a checkpoint (a local directory or a hub id) and indexing its tensors without
+loading them: safetensors (single or sharded) or pytorch_model.bin (single or sharded,
+read with weights_only=True — never unrestricted unpickling)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConversionError
+from .safetensors_format import NAMES, TensorInfo, read_header, read_tensor
+
+ST_INDEX = "model.safetensors.index.json"
+ST_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.py", "*.jinja", "*.tiktoken", "tokenizer*", "*.safetensors"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    """A checkpoint on local disk, its config and an index of its tensors."""
+
+    spec: str  # what the user named: a path or a hub id
+    root: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    format: str  # "safetensors" or "bin"
+    tensors: dict[str, TensorInfo]  # for .bin, begin/end are 0 and the data comes from _bin
+    revision: str | None = None  # hub commit, when resolved through the hub
+    _bin: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if self.format == "safetensors":
+            return read_tensor(info)
+        return self._bin_state(info.path)[name]
+
+    def _bin_state(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._bin:
+            self._bin[path] = load_bin(path)
+        return self._bin[path]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load restricted to tensors and plain containers; code in the pickle is refused."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
+        raise ConversionError(
+            f"{path}: refused to load: this pickle holds more than tensors and loading it could run code "
+            f"({first[:160]}). Get a safetensors copy of the model, or re-save it from a source you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def resolve(spec: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local directory for `spec`: the path itself, or a hub snapshot (honours
+    HF_HUB_OFFLINE and the local cache). Returns (directory, hub revision or None)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{spec}: is a file; MODEL must be a checkpoint directory (with config.json)")
+        return path.resolve(), None
+    if not _REPO_ID.match(spec) or spec.startswith((".", "~")):
+        raise ConversionError(f"{spec}: no such directory (and not a hub model id)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise ConversionError(f"{spec}: no such directory") from None
+    try:
+        local = Path(snapshot_download(spec, revision=revision, allow_patterns=HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(spec, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ConversionError(
+            f"{spec}: no such directory, and the hub model is not in the local cache and cannot be "
+            f"downloaded now ({type(e).__name__}). Check the path, or go online / unset HF_HUB_OFFLINE."
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConversionError(f"{spec}: no such directory, and the hub lookup failed: {str(e).splitlines()[0]}") from None
+    return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    path = root / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{root}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return config
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ConversionError(f"{path}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    return weight_map
+
+
+def _check_shards(root: Path, index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
+    by_file: dict[str, set[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, set()).add(name)
+    for name, file in weight_map.items():
+        if name not in found:
+            raise ConversionError(f"{index.name}: lists tensor {name!r} in {file}, but {file} does not hold it")
+    for name, info in found.items():
+        if name not in weight_map:
+            raise ConversionError(f"{info.path.name}: holds tensor {name!r}, which {index.name} does not list")
+        if weight_map[name] != info.path.name:
+            raise ConversionError(f"{index.name}: tensor {name!r} is listed in {weight_map[name]} but found in {info.path.name}")
+
+
+def _index_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        found, _ = read_header(path)
+        for name, info in found.items():
+            if name in tensors:
+                raise ConversionError(
+                    f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name}); "
+                    "the checkpoint is inconsistent."
+                )
+            tensors[name] = info
+    return tensors
+
+
+def _index_bin(files: list[Path], state: dict[Path, dict[str, torch.Tensor]]) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        state[path] = load_bin(path)
+        for name, t in state[path].items():
+            if name in tensors:
+                raise ConversionError(f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name})")
+            if t.dtype not in NAMES:
+                raise ConversionError(f"{path.name}: tensor {name!r} has unsupported dtype {t.dtype}")
+            tensors[name] = TensorInfo(name, NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
+    return tensors
+
+
+def _weight_files(root: Path) -> tuple[str, list[Path], Path | None]:
+    """(format, files, index path or None) for the weights in `root`."""
+    for index_name, fmt in ((ST_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        index = root / index_name
+        if index.is_file():
+            weight_map = _read_index(index)
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (root / n).is_file()]
+            if missing:
+                raise ConversionError(
+                    f"{index}: names shard {missing[0]}, which is not there"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + "; the download is incomplete, fetch the missing files."
+                )
+            return fmt, [root / n for n in names], index
+    for single, fmt in ((ST_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
+        if (root / single).is_file():
+            return fmt, [root / single], None
+    shards = sorted(root.glob("*.safetensors"))
+    if len(shards) == 1:
+        return "safetensors", shards, None
+    if len(shards) > 1:
+        raise ConversionError(
+            f"{root}: found {len(shards)} safetensors files and no {ST_INDEX}; without the index the "
+            "shards cannot be told apart from stray files. Fetch the index file too."
+        )
+    raise ConversionError(f"{root}: no weights found (expected {ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
+
+
+def open_source(spec: str | os.PathLike[str], revision: str | None = None) -> Source:
+    """Resolve and index a checkpoint; raises ConversionError for anything a user can fix."""
+    root, rev = resolve(str(spec), revision)
+    config = read_config(root)
+    fmt, files, index = _weight_files(root)
+    bin_state: dict[Path, dict[str, torch.Tensor]] = {}
+    tensors = _index_safetensors(files) if fmt == "safetensors" else _index_bin(files, bin_state)
+    if index is not None:
+        _check_shards(root, index, _read_index(index), tensors)
+    return Source(str(spec), root, config, files, fmt, tensors, rev, bin_state)

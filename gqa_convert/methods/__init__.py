@@ -1,0 +1,75 @@
+"""How K/V heads become groups. Each method maps one layer's attention tensors, by role,
+to the converted layer's tensors; the converter handles everything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..architectures import KV_ROLES, HeadShape
+from ..errors import ConversionError
+from .pooling import first_heads, pool_heads, random_heads
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    layer: int
+    shape: HeadShape  # of the source
+    n_groups: int
+    seed: int
+    init_range: float
+    names: dict[str, str]  # role -> full tensor name, for seeding and messages
+
+
+LayerFn = Callable[[dict[str, torch.Tensor], LayerContext], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    convert_layer: LayerFn
+
+
+def _per_kv_role(fn: Callable[[str, torch.Tensor, LayerContext], torch.Tensor]) -> LayerFn:
+    """Apply `fn` to every KV-indexed tensor of the layer; q and o stay as they are."""
+
+    def convert_layer(tensors: dict[str, torch.Tensor], ctx: LayerContext) -> dict[str, torch.Tensor]:
+        return {role: fn(role, t, ctx) if role in KV_ROLES else t for role, t in tensors.items()}
+
+    return convert_layer
+
+
+def _mean(role: str, t: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    return pool_heads(t, ctx.shape.n_kv_heads, ctx.n_groups)
+
+
+def _first(role: str, t: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    return first_heads(t, ctx.shape.n_kv_heads, ctx.n_groups)
+
+
+def _random(role: str, t: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    # Fresh heads initialised as transformers would: normal weights, zero biases, unit norms.
+    fill = 0.0 if role.endswith(".bias") else 1.0 if role == "k.norm" else None
+    return random_heads(
+        t, ctx.shape.n_kv_heads, ctx.n_groups, std=ctx.init_range, seed=ctx.seed, name=ctx.names[role], fill=fill
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("mean", "mean of each group's K/V heads (the GQA paper's method)", _per_kv_role(_mean)),
+        Method("first", "each group keeps its first K/V head (paper's ablation)", _per_kv_role(_first)),
+        Method("random", "fresh random K/V heads, seeded (paper's ablation)", _per_kv_role(_random)),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConversionError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None

@@ -1,0 +1,207 @@
+"""The conversion plan: every output tensor's name, dtype and shape, where its bytes come
+from, and how they are sharded — all computed from headers before any weight is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .architectures import KV_ROLES, REQUIRED_ROLES, Family, HeadShape, family_for, head_shape
+from .errors import ConversionError
+from .io.safetensors_format import itemsize
+from .io.source import Source
+from .io.writer import OutTensor, plan_shards
+from .methods import Method, get_method
+
+DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' "5GB"
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    inputs: dict[str, list[str]]  # role -> source tensor names (one per head for "{head}" roles)
+    outputs: dict[str, list[OutTensor]]  # role -> output tensors, same order
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n for names in self.inputs.values() for n in names]
+
+
+@dataclass
+class ConversionPlan:
+    source: Source
+    family: Family
+    shape: HeadShape
+    n_groups: int
+    method: Method
+    seed: int
+    layers: list[LayerPlan]
+    order: list[OutTensor]  # output tensors in write order
+    emit_after: dict[str, int]  # source tensor name -> layer whose outputs are written after reading it
+    dropped: list[str]  # source tensors not written (a tied lm_head)
+    shards: list[list[OutTensor]]
+    config_out: dict[str, Any]
+    kv_dtype: str
+
+    @property
+    def bytes_in(self) -> int:
+        return self.source.total_bytes
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.nbytes for t in self.order)
+
+    def kv_bytes_per_token(self, n_kv: int | None = None) -> int:
+        """K and V cache bytes per token, all layers, in the checkpoint's dtype."""
+        n_kv = self.shape.n_kv_heads if n_kv is None else n_kv
+        return 2 * self.shape.n_layers * n_kv * self.shape.head_dim * itemsize(self.kv_dtype)
+
+    def copied_names(self) -> set[str]:
+        in_layers = {n for lp in self.layers for n in lp.input_names}
+        return {n for n in self.source.tensors if n not in in_layers and n not in self.dropped}
+
+
+def valid_groups(n_heads: int, n_kv: int) -> list[int]:
+    return [g for g in range(1, n_kv + 1) if n_heads % g == 0 and n_kv % g == 0]
+
+
+def check_groups(n_groups: int, shape: HeadShape) -> None:
+    choices = ", ".join(map(str, valid_groups(shape.n_heads, shape.n_kv_heads)))
+    if n_groups < 1:
+        raise ConversionError(f"--groups must be at least 1 (got {n_groups}); choose one of {choices}.")
+    if shape.n_heads % n_groups:
+        raise ConversionError(
+            f"--groups {n_groups} does not divide the {shape.n_heads} query heads; choose one of {choices}."
+        )
+    if n_groups > shape.n_kv_heads:
+        raise ConversionError(
+            f"--groups {n_groups} asks for more KV heads than the checkpoint has ({shape.n_kv_heads}); "
+            f"pooling can only merge heads: choose one of {choices}."
+        )
+    if shape.n_kv_heads % n_groups:
+        raise ConversionError(
+            f"--groups {n_groups} does not divide the checkpoint's {shape.n_kv_heads} KV heads; choose one of {choices}."
+        )
+
+
+def _attn_prefix(family: Family, source: Source) -> str:
+    for template in family.attn_prefixes:
+        if template.format(layer=0) + family.roles["k.weight"] in source.tensors:
+            return template
+    expected = family.attn_prefixes[0].format(layer=0) + family.roles["k.weight"]
+    raise ConversionError(
+        f"{source.root}: no tensor {expected!r}; this checkpoint's attention layout does not match "
+        f"the {family.name} family (fused or renamed projections are not supported yet)."
+    )
+
+
+def _layer_inputs(family: Family, template: str, layer: int, shape: HeadShape, source: Source) -> dict[str, list[str]]:
+    prefix = template.format(layer=layer)
+    inputs: dict[str, list[str]] = {}
+    for role, rel in family.roles.items():
+        if "{head}" in rel:
+            count = shape.n_kv_heads if role in KV_ROLES else shape.n_heads
+            names = [prefix + rel.format(head=h) for h in range(count)]
+        else:
+            names = [prefix + rel]
+        present = [n in source.tensors for n in names]
+        if all(present):
+            inputs[role] = names
+        elif any(present):
+            missing = names[present.index(False)]
+            raise ConversionError(f"{source.root}: tensor {missing!r} is missing (other heads of it are there)")
+        elif role in REQUIRED_ROLES:
+            raise ConversionError(f"{source.root}: tensor {names[0]!r} is missing; the checkpoint is incomplete.")
+    return inputs
+
+
+def _check_shapes(inputs: dict[str, list[str]], shape: HeadShape, source: Source, kv_key: str) -> None:
+    q_rows, kv_rows = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    expect = {"q.weight": (0, q_rows), "q.bias": (0, q_rows), "k.weight": (0, kv_rows), "k.bias": (0, kv_rows)}
+    expect |= {"v.weight": (0, kv_rows), "v.bias": (0, kv_rows), "o.weight": (1, q_rows)}
+    for role, (axis, size) in expect.items():
+        if role not in inputs:
+            continue
+        info = source.tensors[inputs[role][0]]
+        if len(info.shape) <= axis or info.shape[axis] != size:
+            raise ConversionError(
+                f"{info.name}: shape {list(info.shape)} disagrees with config.json "
+                f"(heads={shape.n_heads}, {kv_key}={shape.n_kv_heads}, head_dim={shape.head_dim} "
+                f"means {size} along axis {axis}); the config does not belong to these weights."
+            )
+
+
+def _role_outputs(role: str, names: list[str], rel: str, prefix: str, source: Source, n_kv: int, g: int) -> list[OutTensor]:
+    infos = [source.tensors[n] for n in names]
+    if role not in KV_ROLES:
+        return [OutTensor(i.name, i.dtype, i.shape) for i in infos]
+    if "{head}" in rel:  # one tensor per head: keep the first G names, the shape is unchanged
+        return [OutTensor(prefix + rel.format(head=h), infos[0].dtype, infos[0].shape) for h in range(g)]
+    info = infos[0]
+    return [OutTensor(info.name, info.dtype, (info.shape[0] * g // n_kv, *info.shape[1:]))]
+
+
+def _source_order(source: Source) -> list[str]:
+    """Tensor names in the order their bytes lie on disk (sequential reads)."""
+    file_rank = {p: i for i, p in enumerate(source.weight_files)}
+    return sorted(source.tensors, key=lambda n: (file_rank[source.tensors[n].path], source.tensors[n].begin, n))
+
+
+def build_plan(
+    source: Source,
+    n_groups: int,
+    method: str = "mean",
+    *,
+    seed: int = 0,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+) -> ConversionPlan:
+    """Check everything that can be checked without reading weights, and plan the output."""
+    family = family_for(source.config)
+    shape = head_shape(family, source.config, f"{source.root / 'config.json'}")
+    check_groups(n_groups, shape)
+    chosen = get_method(method)
+    if max_shard_size < 1:
+        raise ConversionError("--max-shard-size must be positive")
+    template = _attn_prefix(family, source)
+    layers: list[LayerPlan] = []
+    for layer in range(shape.n_layers):
+        inputs = _layer_inputs(family, template, layer, shape, source)
+        _check_shapes(inputs, shape, source, family.kv_heads_key)
+        prefix = template.format(layer=layer)
+        outputs = {
+            role: _role_outputs(role, names, family.roles[role], prefix, source, shape.n_kv_heads, n_groups)
+            for role, names in inputs.items()
+        }
+        layers.append(LayerPlan(layer, inputs, outputs))
+    extra = template.format(layer=shape.n_layers) + family.roles["k.weight"]
+    if extra in source.tensors:
+        raise ConversionError(f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent.")
+
+    dropped = []
+    if source.config.get("tie_word_embeddings") is True and "lm_head.weight" in source.tensors:
+        dropped.append("lm_head.weight")  # tied: transformers re-ties it on load
+    member_of = {n: lp.layer for lp in layers for n in lp.input_names}
+    remaining = {lp.layer: len(lp.input_names) for lp in layers}
+    order: list[OutTensor] = []
+    emit_after: dict[str, int] = {}
+    for name in _source_order(source):
+        if name in dropped:
+            continue
+        if name in member_of:
+            layer = member_of[name]
+            remaining[layer] -= 1
+            if remaining[layer] == 0:  # the layer's last input has been read: its outputs follow
+                emit_after[name] = layer
+                order.extend(t for ts in layers[layer].outputs.values() for t in ts)
+        else:
+            info = source.tensors[name]
+            order.append(OutTensor(name, info.dtype, info.shape))
+
+    config_out = dict(source.config)
+    config_out[family.kv_heads_key] = n_groups
+    kv_dtype = source.tensors[layers[0].inputs["k.weight"][0]].dtype
+    return ConversionPlan(
+        source, family, shape, n_groups, chosen, seed, layers, order, emit_after, dropped,
+        plan_shards(order, max_shard_size), config_out, kv_dtype,
+    )
+
