@@ -52,7 +52,10 @@ def model_card(m: dict[str, Any]) -> str:
         "",
     ]
     if conv.get("emulated"):
-        lines += ["**Emulated:** K/V heads are repeated back to the original count; this shows GQA quality but saves no memory.", ""]
+        lines += [
+            "**Emulated:** K/V heads are repeated back to the original count; this shows GQA quality but saves no memory.",
+            "",
+        ]
     lines += [
         "| | source | converted |",
         "|---|---|---|",
@@ -61,7 +64,9 @@ def model_card(m: dict[str, Any]) -> str:
     ]
     for c in CONTEXTS:
         at = kv["at_context"][str(c)]
-        lines.append(f"| KV cache at {c // 1024}k tokens (batch 1) | {human_bytes(at['before'])} | {human_bytes(at['after'])} |")
+        lines.append(
+            f"| KV cache at {c // 1024}k tokens (batch 1) | {human_bytes(at['before'])} | {human_bytes(at['after'])} |"
+        )
     lines += [
         "",
         f"KV cache saving: {kv['saving']:.1%}.",

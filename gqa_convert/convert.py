@@ -12,14 +12,15 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import __version__
-from .architectures import KV_ROLES
+from .architectures import KV_ROLES, family_for
 from .card import MANIFEST, model_card, write_manifest
 from .errors import ConversionError
 from .io.hashing import BackgroundHasher
@@ -79,8 +80,17 @@ def _attention_changes(plan: ConversionPlan) -> list[dict[str, Any]]:
             before = [list(plan.source.tensors[n].shape) for n in names]
             after = [list(t.shape) for t in outs]
             if before != after:
-                changes.append({"layer": lp.layer, "role": role, "name": names[0], "before": before[0],
-                                "after": after[0], "count_before": len(before), "count_after": len(after)})
+                changes.append(
+                    {
+                        "layer": lp.layer,
+                        "role": role,
+                        "name": names[0],
+                        "before": before[0],
+                        "after": after[0],
+                        "count_before": len(before),
+                        "count_after": len(after),
+                    }
+                )
     return changes
 
 
@@ -116,7 +126,10 @@ def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
         if role in KV_ROLES and by_role[role].is_floating_point() and not torch.isfinite(by_role[role]).all():
             raise ConversionError(f"{names[0]}: contains NaN or Inf; the checkpoint is damaged, fetch it again.")
     ctx = LayerContext(
-        layer=lp.layer, shape=plan.shape, n_groups=plan.n_groups, seed=plan.seed,
+        layer=lp.layer,
+        shape=plan.shape,
+        n_groups=plan.n_groups,
+        seed=plan.seed,
         init_range=float(plan.source.config.get("initializer_range", 0.02)),
         names={role: names[0] for role, names in lp.inputs.items()},
     )
@@ -173,7 +186,9 @@ def _copy_other_files(source: Source, tmp: Path) -> list[str]:
     return copied
 
 
-def _manifest(plan: ConversionPlan, report: ConvertReport, hashes: dict[str, str], copied: list[str], command: str) -> dict[str, Any]:
+def _manifest(
+    plan: ConversionPlan, report: ConvertReport, hashes: dict[str, str], copied: list[str], command: str
+) -> dict[str, Any]:
     src = plan.source
     hub = None if Path(src.spec).expanduser().exists() else src.spec
     return {
@@ -197,8 +212,12 @@ def _manifest(plan: ConversionPlan, report: ConvertReport, hashes: dict[str, str
             "kv_heads_before": plan.shape.n_kv_heads,
             "kv_heads_after": plan.n_groups,
             "head_dim": plan.shape.head_dim,
-            "grouping": [list(range(g * plan.shape.n_kv_heads // plan.n_groups, (g + 1) * plan.shape.n_kv_heads // plan.n_groups))
-                         for g in range(plan.n_groups)],
+            "grouping": [
+                list(
+                    range(g * plan.shape.n_kv_heads // plan.n_groups, (g + 1) * plan.shape.n_kv_heads // plan.n_groups)
+                )
+                for g in range(plan.n_groups)
+            ],
             "emulated": False,
             "dropped_tensors": plan.dropped,
         },
@@ -235,7 +254,7 @@ def convert(
     Raises ConversionError for every problem a user can fix.
     """
     started = time.perf_counter()
-    source = open_source(model, revision)
+    source = open_source(model, revision, check_config=family_for)
     plan = build_plan(source, n_groups, method, seed=seed, max_shard_size=max_shard_size)
     target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
     report = _report(plan, target.absolute(), dry_run)
@@ -260,4 +279,3 @@ def convert(
     report.removed_stale = [str(p) for p in od.removed_stale]
     report.seconds = time.perf_counter() - started
     return report
-

@@ -23,7 +23,5 @@ def kv_summary(per_token_before: int, per_token_after: int) -> dict[str, object]
         "bytes_per_token_before": per_token_before,
         "bytes_per_token_after": per_token_after,
         "saving": 1 - per_token_after / per_token_before if per_token_before else 0.0,
-        "at_context": {
-            str(c): {"before": per_token_before * c, "after": per_token_after * c} for c in CONTEXTS
-        },
+        "at_context": {str(c): {"before": per_token_before * c, "after": per_token_after * c} for c in CONTEXTS},
     }

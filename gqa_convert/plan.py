@@ -69,14 +69,14 @@ def check_groups(n_groups: int, shape: HeadShape) -> None:
     choices = ", ".join(map(str, valid_groups(shape.n_heads, shape.n_kv_heads)))
     if n_groups < 1:
         raise ConversionError(f"--groups must be at least 1 (got {n_groups}); choose one of {choices}.")
-    if shape.n_heads % n_groups:
-        raise ConversionError(
-            f"--groups {n_groups} does not divide the {shape.n_heads} query heads; choose one of {choices}."
-        )
     if n_groups > shape.n_kv_heads:
         raise ConversionError(
             f"--groups {n_groups} asks for more KV heads than the checkpoint has ({shape.n_kv_heads}); "
             f"pooling can only merge heads: choose one of {choices}."
+        )
+    if shape.n_heads % n_groups:
+        raise ConversionError(
+            f"--groups {n_groups} does not divide the {shape.n_heads} query heads; choose one of {choices}."
         )
     if shape.n_kv_heads % n_groups:
         raise ConversionError(
@@ -131,7 +131,9 @@ def _check_shapes(inputs: dict[str, list[str]], shape: HeadShape, source: Source
             )
 
 
-def _role_outputs(role: str, names: list[str], rel: str, prefix: str, source: Source, n_kv: int, g: int) -> list[OutTensor]:
+def _role_outputs(
+    role: str, names: list[str], rel: str, prefix: str, source: Source, n_kv: int, g: int
+) -> list[OutTensor]:
     infos = [source.tensors[n] for n in names]
     if role not in KV_ROLES:
         return [OutTensor(i.name, i.dtype, i.shape) for i in infos]
@@ -175,7 +177,9 @@ def build_plan(
         layers.append(LayerPlan(layer, inputs, outputs))
     extra = template.format(layer=shape.n_layers) + family.roles["k.weight"]
     if extra in source.tensors:
-        raise ConversionError(f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent.")
+        raise ConversionError(
+            f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent."
+        )
 
     dropped = []
     if source.config.get("tie_word_embeddings") is True and "lm_head.weight" in source.tensors:
@@ -201,7 +205,17 @@ def build_plan(
     config_out[family.kv_heads_key] = n_groups
     kv_dtype = source.tensors[layers[0].inputs["k.weight"][0]].dtype
     return ConversionPlan(
-        source, family, shape, n_groups, chosen, seed, layers, order, emit_after, dropped,
-        plan_shards(order, max_shard_size), config_out, kv_dtype,
+        source,
+        family,
+        shape,
+        n_groups,
+        chosen,
+        seed,
+        layers,
+        order,
+        emit_after,
+        dropped,
+        plan_shards(order, max_shard_size),
+        config_out,
+        kv_dtype,
     )
-

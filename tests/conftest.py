@@ -21,8 +21,16 @@ from gqa_convert.architectures import KV_ROLES, family_for  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 COMMON = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=64, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 # One tiny config per family; the extras switch on what makes the family different.
 FAMILY_EXTRAS: dict[str, dict] = {
@@ -74,8 +82,10 @@ def save_model(model, path: Path, *, max_shard_size: str = "20KB", fmt: str = "s
             torch.save(sd, path / "pytorch_model.bin")
         else:
             names = sorted(sd)
-            halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-                      "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+            halves = {
+                "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+            }
             weight_map = {}
             for file, part in halves.items():
                 torch.save({k: sd[k] for k in part}, path / file)
@@ -84,8 +94,14 @@ def save_model(model, path: Path, *, max_shard_size: str = "20KB", fmt: str = "s
     return path
 
 
-def make_checkpoint(tmp_path: Path, model_type: str = "llama", name: str = "src", fmt: str = "safetensors",
-                    max_shard_size: str = "20KB", **kwargs) -> tuple[Path, torch.nn.Module]:
+def make_checkpoint(
+    tmp_path: Path,
+    model_type: str = "llama",
+    name: str = "src",
+    fmt: str = "safetensors",
+    max_shard_size: str = "20KB",
+    **kwargs,
+) -> tuple[Path, torch.nn.Module]:
     model = build_model(model_type, **kwargs)
     return save_model(model, tmp_path / name, max_shard_size=max_shard_size, fmt=fmt), model
 
@@ -110,7 +126,7 @@ def pooled_in_place(model, n_groups: int, how: str = "mean"):
                 if names[0] not in sd:
                     continue
                 for g in range(n_groups):
-                    members = names[g * r:(g + 1) * r]
+                    members = names[g * r : (g + 1) * r]
                     pooled = torch.stack([sd[n].float() for n in members]).mean(0)
                     for n in members:
                         sd[n] = (pooled if how == "mean" else sd[members[0]].float()).to(sd[n].dtype).clone()
@@ -120,10 +136,10 @@ def pooled_in_place(model, n_groups: int, how: str = "mean"):
                 continue
             w = sd[name]
             rows = w.shape[0] // n_kv
-            heads = [w[h * rows:(h + 1) * rows].float() for h in range(n_kv)]
+            heads = [w[h * rows : (h + 1) * rows].float() for h in range(n_kv)]
             new = []
             for h in range(n_kv):
-                members = heads[(h // r) * r:(h // r + 1) * r]
+                members = heads[(h // r) * r : (h // r + 1) * r]
                 new.append(sum(members) / r if how == "mean" else members[0])
             sd[name] = torch.cat(new).to(w.dtype)
     ref.load_state_dict(sd)

@@ -61,18 +61,61 @@ def _plan_table(r: ConvertReport) -> Table:
 
 
 def convert_command(
-    model: str = typer.Argument(..., help="A local Hugging Face model directory, or a hub id (uses the local cache; honours HF_HUB_OFFLINE)."),
-    groups: Optional[int] = typer.Option(None, "--groups", "-g", help="Number of KV heads (G) to keep; must divide the query heads and the current KV heads.", rich_help_panel="Method"),
-    mqa: bool = typer.Option(False, "--mqa", help="Multi-query attention: the same as --groups 1.", rich_help_panel="Method"),
-    method: str = typer.Option("mean", "--method", "-m", help=f"How K/V heads become groups: {', '.join(f'{k} ({v.summary})' for k, v in METHODS.items())}.", rich_help_panel="Method"),
+    model: str = typer.Argument(
+        ..., help="A local Hugging Face model directory, or a hub id (uses the local cache; honours HF_HUB_OFFLINE)."
+    ),
+    groups: Optional[int] = typer.Option(
+        None,
+        "--groups",
+        "-g",
+        help="Number of KV heads (G) to keep; must divide the query heads and the current KV heads.",
+        rich_help_panel="Method",
+    ),
+    mqa: bool = typer.Option(
+        False, "--mqa", help="Multi-query attention: the same as --groups 1.", rich_help_panel="Method"
+    ),
+    method: str = typer.Option(
+        "mean",
+        "--method",
+        "-m",
+        help=f"How K/V heads become groups: {', '.join(f'{k} ({v.summary})' for k, v in METHODS.items())}.",
+        rich_help_panel="Method",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for --method random.", rich_help_panel="Method"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: beside the source, named SOURCE-gqaG or SOURCE-mqa].", rich_help_panel="Output"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output (only once the new one is complete).", rich_help_panel="Output"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.", rich_help_panel="Output"),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when MODEL is a hub id.", rich_help_panel="Output"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor shapes, KV saving, output size); write nothing.", rich_help_panel="Output"),
-    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout.", rich_help_panel="Output"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (errors are still printed).", rich_help_panel="Output"),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Output directory [default: beside the source, named SOURCE-gqaG or SOURCE-mqa].",
+        rich_help_panel="Output",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an existing output (only once the new one is complete).",
+        rich_help_panel="Output",
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.", rich_help_panel="Output"
+    ),
+    revision: Optional[str] = typer.Option(
+        None,
+        "--revision",
+        help="Hub revision (branch, tag or commit) when MODEL is a hub id.",
+        rich_help_panel="Output",
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the plan (tensor shapes, KV saving, output size); write nothing.",
+        rich_help_panel="Output",
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print a machine-readable report on stdout.", rich_help_panel="Output"
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar or summary (errors are still printed).", rich_help_panel="Output"
+    ),
 ) -> None:
     """Convert an MHA (or GQA) checkpoint to GQA-G or MQA by pooling K/V heads.
 
@@ -86,24 +129,43 @@ def convert_command(
     n_groups = 1 if mqa else groups
     shard_bytes = parse_size(max_shard_size)
     progress = Progress(
-        TextColumn("[bold]converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console, disable=quiet or dry_run, transient=True,
+        TextColumn("[bold]converting"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet or dry_run,
+        transient=True,
     )
     task = None
 
     def on_start(plan: ConversionPlan) -> None:
         nonlocal task
+        progress.start()
         task = progress.add_task("convert", total=plan.bytes_out)
 
     def on_bytes(n: int) -> None:
         if task is not None:
             progress.advance(task, n)
 
-    with user_errors("nothing was written at the output path"), progress:
-        report = convert(
-            model, n_groups, out=out, method=method, seed=seed, max_shard_size=shard_bytes, force=force,
-            dry_run=dry_run, revision=revision, on_start=on_start, on_bytes=on_bytes,
-        )
+    with user_errors("nothing was written at the output path"):
+        try:
+            report = convert(
+                model,
+                n_groups,
+                out=out,
+                method=method,
+                seed=seed,
+                max_shard_size=shard_bytes,
+                force=force,
+                dry_run=dry_run,
+                revision=revision,
+                on_start=on_start,
+                on_bytes=on_bytes,
+            )
+        finally:
+            progress.stop()
     if not quiet:
         if dry_run:
             console.print(_plan_table(report))

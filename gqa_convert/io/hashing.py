@@ -39,7 +39,7 @@ class BackgroundHasher:
         self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "BackgroundHasher":
+    def __enter__(self) -> BackgroundHasher:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -42,9 +42,13 @@ class OutputDir:
             if _is_within(self.source_root, target):
                 raise ConversionError(f"output {self.target} contains the source checkpoint; choose another --out.")
         if self.target.exists() and not self.force:
-            raise ConversionError(f"output {self.target} already exists; pass --force to replace it, or choose another --out.")
+            raise ConversionError(
+                f"output {self.target} already exists; pass --force to replace it, or choose another --out."
+            )
         if self.target.exists() and not self.target.is_dir():
-            raise ConversionError(f"output {self.target} exists and is not a directory; remove it or choose another --out.")
+            raise ConversionError(
+                f"output {self.target} exists and is not a directory; remove it or choose another --out."
+            )
 
     def _lock(self) -> None:
         parent = self.target.parent
@@ -89,7 +93,9 @@ class OutputDir:
             self.tmp.mkdir()
         except OSError as e:
             self._unlock()
-            raise ConversionError(f"cannot write in {self.target.parent} ({e.strerror}); choose another --out.") from None
+            raise ConversionError(
+                f"cannot write in {self.target.parent} ({e.strerror}); choose another --out."
+            ) from None
         return self.tmp
 
     def commit(self) -> None:

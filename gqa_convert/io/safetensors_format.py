@@ -90,7 +90,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         if end - begin != math.prod(shape) * itemsize(dtype):
-            raise ConversionError(f"{path}: tensor {name!r} has {end - begin} bytes, its shape {list(shape)} needs more")
+            raise ConversionError(
+                f"{path}: tensor {name!r} has {end - begin} bytes, its shape {list(shape)} needs more"
+            )
         if end > data_size:
             raise ConversionError(
                 f"{path}: truncated file: the header promises {data_start + end} bytes, the file has {size}; "

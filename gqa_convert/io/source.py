@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ def resolve(spec: str, revision: str | None = None) -> tuple[Path, str | None]:
             f"downloaded now ({type(e).__name__}). Check the path, or go online / unset HF_HUB_OFFLINE."
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ConversionError(f"{spec}: no such directory, and the hub lookup failed: {str(e).splitlines()[0]}") from None
+        raise ConversionError(
+            f"{spec}: no such directory, and the hub lookup failed: {str(e).splitlines()[0]}"
+        ) from None
     return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision
 
 
@@ -141,7 +144,9 @@ def _check_shards(root: Path, index: Path, weight_map: dict[str, str], found: di
         if name not in weight_map:
             raise ConversionError(f"{info.path.name}: holds tensor {name!r}, which {index.name} does not list")
         if weight_map[name] != info.path.name:
-            raise ConversionError(f"{index.name}: tensor {name!r} is listed in {weight_map[name]} but found in {info.path.name}")
+            raise ConversionError(
+                f"{index.name}: tensor {name!r} is listed in {weight_map[name]} but found in {info.path.name}"
+            )
 
 
 def _index_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
@@ -164,7 +169,9 @@ def _index_bin(files: list[Path], state: dict[Path, dict[str, torch.Tensor]]) ->
         state[path] = load_bin(path)
         for name, t in state[path].items():
             if name in tensors:
-                raise ConversionError(f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name})")
+                raise ConversionError(
+                    f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name})"
+                )
             if t.dtype not in NAMES:
                 raise ConversionError(f"{path.name}: tensor {name!r} has unsupported dtype {t.dtype}")
             tensors[name] = TensorInfo(name, NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
@@ -200,10 +207,15 @@ def _weight_files(root: Path) -> tuple[str, list[Path], Path | None]:
     raise ConversionError(f"{root}: no weights found (expected {ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
 
 
-def open_source(spec: str | os.PathLike[str], revision: str | None = None) -> Source:
-    """Resolve and index a checkpoint; raises ConversionError for anything a user can fix."""
+def open_source(
+    spec: str | os.PathLike[str], revision: str | None = None, check_config: Callable[[dict], object] | None = None
+) -> Source:
+    """Resolve and index a checkpoint; raises ConversionError for anything a user can fix.
+    `check_config` runs on config.json before any weight file is looked at."""
     root, rev = resolve(str(spec), revision)
     config = read_config(root)
+    if check_config is not None:
+        check_config(config)
     fmt, files, index = _weight_files(root)
     bin_state: dict[Path, dict[str, torch.Tensor]] = {}
     tensors = _index_safetensors(files) if fmt == "safetensors" else _index_bin(files, bin_state)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConversionError
 from .safetensors_format import build_header, itemsize, read_header

@@ -3,8 +3,8 @@ to the converted layer's tensors; the converter handles everything else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,0 +1,121 @@
+"""The command line, through typer's CliRunner and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import load, make_checkpoint
+from typer.testing import CliRunner
+
+from gqa_convert.cli import app, normalize_argv
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, normalize_argv(list(args)))
+
+
+@pytest.fixture
+def src(tmp_path):
+    return make_checkpoint(tmp_path, "llama")[0]
+
+
+def test_bare_form_and_convert_subcommand_are_the_same(tmp_path, src):
+    a = run(str(src), "--groups", "2", "--out", str(tmp_path / "a"), "--quiet")
+    b = run("convert", str(src), "--groups", "2", "--out", str(tmp_path / "b"), "--quiet")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_mqa_flag_and_default_output(tmp_path, src):
+    r = run(str(src), "--mqa", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert load(tmp_path / "src-mqa").config.num_key_value_heads == 1
+
+
+def test_json_report_on_stdout(tmp_path, src):
+    r = run(str(src), "-g", "2", "-o", str(tmp_path / "o"), "--json", "--quiet")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["kv_heads_before"] == 4 and data["kv_heads_after"] == 2
+    assert data["kv_cache"]["saving"] == 0.5 and not data["dry_run"]
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, src):
+    r = run(str(src), "--groups", "1", "--out", str(tmp_path / "o"), "--dry-run")
+    assert r.exit_code == 0
+    assert "k_proj.weight" in r.output and "[32, 32]" in r.output and "[8, 32]" in r.output
+    assert "nothing written" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing", "-g", "2"], "no such directory"),
+        (["{tmp}/empty", "-g", "2"], "no config.json"),
+        (["{tmp}/gpt2", "-g", "2"], "unsupported architecture"),
+        (["{src}", "-g", "3"], "does not divide the 4 query heads"),
+        (["{src}", "-g", "0"], "at least 1"),
+        (["{src}", "-g", "8"], "more KV heads than the checkpoint has"),
+        (["{src}", "-g", "2", "--out", "{src}"], "inside it"),
+        (["{src}", "-g", "2", "--out", "{src}/sub"], "inside it"),
+        (["{src}", "-g", "2", "--out", "{tmp}/exists"], "already exists"),
+        (["{src}", "-g", "2", "--method", "median"], "unknown method"),
+        (["{src}"], "--groups"),
+        (["{src}", "-g", "2", "--max-shard-size", "lots"], "not a size"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, src, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 4}))
+    argv = [a.format(tmp=tmp_path, src=src) for a in args]
+    r = run(*argv)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    if "unsupported" in message:
+        assert "llama" in r.output and "qwen2" in r.output  # names the supported families
+
+
+def test_force_replaces_existing_output(tmp_path, src):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.txt").write_text("old")
+    r = run(str(src), "-g", "2", "-o", str(tmp_path / "o"), "--force", "-q")
+    assert r.exit_code == 0
+    assert not (tmp_path / "o" / "old.txt").exists() and (tmp_path / "o" / "config.json").exists()
+
+
+def test_help_teaches():
+    r = runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "120"})
+    assert r.exit_code == 0
+    for word in ("--groups", "--mqa", "--method", "--dry-run", "--json", "Examples", "Exit codes"):
+        assert word in r.output
+
+
+def test_real_subprocess_bare_form(tmp_path, src):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "gqa_convert", str(src), "--groups", "2", "--out", str(tmp_path / "o"), "--json", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["output"] == str(tmp_path / "o")
+    p = subprocess.run(
+        [sys.executable, "-m", "gqa_convert", str(tmp_path / "nope"), "-g", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr

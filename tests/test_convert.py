@@ -1,0 +1,227 @@
+"""Converter behaviour beyond the per-family equivalence: formats, sharding, dtypes,
+regrouping, what is written beside the weights, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, load, logits, make_checkpoint, pooled_in_place, save_model
+from safetensors import safe_open
+
+from gqa_convert import ConversionError, build_plan, convert, open_source
+from gqa_convert.card import MANIFEST
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            out |= {k: s.get_tensor(k) for k in s.keys()}
+    return out
+
+
+def test_regroups_an_already_gqa_model(tmp_path):
+    src, model = make_checkpoint(tmp_path, "llama", num_attention_heads=8, hidden_size=64, n_kv=4)
+    convert(src, 2, out=tmp_path / "g2")
+    out = load(tmp_path / "g2")
+    assert out.config.num_key_value_heads == 2
+    torch.testing.assert_close(logits(out), logits(pooled_in_place(model, 2)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConversionError, match="more KV heads than the checkpoint has"):
+        convert(src, 8, out=tmp_path / "g8")
+
+
+def test_sharded_output_has_index_and_hf_names(tmp_path):
+    src, model = make_checkpoint(tmp_path, "qwen2", max_shard_size="10KB")
+    assert len(list(src.glob("*.safetensors"))) > 1, "fixture must be sharded"
+    report = convert(src, 2, out=tmp_path / "o", max_shard_size=8000)
+    files = sorted(p.name for p in (tmp_path / "o").glob("*.safetensors"))
+    n = len(files)
+    assert n > 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert report.shards == files
+    index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
+    w = weights(tmp_path / "o")
+    assert set(index["weight_map"]) == set(w)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in w.values())
+    for f in files:
+        with safe_open(tmp_path / "o" / f, "pt") as s:
+            assert s.metadata() == {"format": "pt"}
+            assert all(index["weight_map"][k] == f for k in s.keys())
+            # a shard exceeds the cap only when it holds a single tensor that is larger
+            size = sum(s.get_tensor(k).numel() * s.get_tensor(k).element_size() for k in s.keys())
+            assert size <= 8000 or len(list(s.keys())) == 1
+    torch.testing.assert_close(logits(load(tmp_path / "o")), logits(pooled_in_place(model, 2)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "bin-sharded"])
+def test_pytorch_bin_input(tmp_path, fmt):
+    src, model = make_checkpoint(tmp_path, "llama", fmt=fmt)
+    convert(src, 2, out=tmp_path / "o")
+    assert not list((tmp_path / "o").glob("*.bin")), "output is safetensors only"
+    torch.testing.assert_close(logits(load(tmp_path / "o")), logits(pooled_in_place(model, 2)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_dtype(tmp_path, dtype):
+    src, model = make_checkpoint(tmp_path, "llama", dtype=dtype)
+    convert(src, 2, out=tmp_path / "o")
+    assert {t.dtype for t in weights(tmp_path / "o").values()} == {dtype}
+    # pooled in float32, rounded once: equal to the float32 mean cast back
+    k_src = weights(src)["model.layers.0.self_attn.k_proj.weight"]
+    k_out = weights(tmp_path / "o")["model.layers.0.self_attn.k_proj.weight"]
+    assert torch.equal(k_out, k_src.float().reshape(2, 2, 8, 32).mean(1).reshape(16, 32).to(dtype))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_and_untied_embeddings(tmp_path, tied):
+    src, model = make_checkpoint(tmp_path, "llama", tie_word_embeddings=tied)
+    convert(src, 2, out=tmp_path / "o")
+    assert ("lm_head.weight" in weights(tmp_path / "o")) is (not tied)
+    out = load(tmp_path / "o")
+    assert (out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()) is tied
+    torch.testing.assert_close(logits(out), logits(pooled_in_place(model, 2)), rtol=1e-4, atol=1e-4)
+
+
+def test_first_and_random_methods(tmp_path):
+    src, model = make_checkpoint(tmp_path, "qwen2")
+    convert(src, 2, out=tmp_path / "first", method="first")
+    torch.testing.assert_close(
+        logits(load(tmp_path / "first")), logits(pooled_in_place(model, 2, how="first")), rtol=1e-4, atol=1e-4
+    )
+    convert(src, 2, out=tmp_path / "r1", method="random", seed=1)
+    convert(src, 2, out=tmp_path / "r1b", method="random", seed=1)
+    convert(src, 2, out=tmp_path / "r2", method="random", seed=2)
+    k = "model.layers.1.self_attn.k_proj.weight"
+    w1, w1b, w2 = (weights(tmp_path / d)[k] for d in ("r1", "r1b", "r2"))
+    assert torch.equal(w1, w1b) and not torch.equal(w1, w2)
+    assert abs(w1.std().item() - 0.3) < 0.05  # the config's initializer_range
+    assert weights(tmp_path / "r1")["model.layers.1.self_attn.k_proj.bias"].eq(0).all()
+
+
+def test_config_files_card_and_manifest(tmp_path):
+    src, _ = make_checkpoint(tmp_path, "llama")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    (src / "custom_code.py").write_text("# custom model code\n")
+    (src / "original").mkdir()
+    (src / "original" / "consolidated.00.pth").write_bytes(b"stale MHA weights")
+    before = json.loads((src / "config.json").read_text())
+    convert(src, 2, out=tmp_path / "o", command="gqa-convert src --groups 2")
+    out = tmp_path / "o"
+    after = json.loads((out / "config.json").read_text())
+    assert after.pop("num_key_value_heads") == 2
+    before.pop("num_key_value_heads")
+    assert after == before, "nothing else in config.json changes"
+    for f in ("tokenizer.json", "chat_template.jinja", "custom_code.py", "generation_config.json"):
+        assert (out / f).read_bytes() == (src / f).read_bytes()
+    assert not (out / "original").exists(), "stale weight files are not copied"
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["conversion"]["kv_heads_after"] == 2 and m["conversion"]["method"] == "mean"
+    assert m["conversion"]["grouping"] == [[0, 1], [2, 3]]
+    assert m["command"] == "gqa-convert src --groups 2"
+    assert set(m["source"]["files"]) == {p.name for p in src.glob("*.safetensors")}
+    assert all(len(h) == 64 for h in m["output"]["files"].values())
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "GQA-2" in card and "50.0%" in card
+
+
+def test_output_is_byte_identical_across_runs(tmp_path):
+    src, _ = make_checkpoint(tmp_path, "qwen2")
+    convert(src, 2, out=tmp_path / "a")
+    convert(src, 2, out=tmp_path / "b")
+    for f in (tmp_path / "a").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+    ma, mb = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("a", "b"))
+    assert ma["output"]["files"] == mb["output"]["files"]
+
+
+def test_source_untouched_and_dry_run_writes_nothing(tmp_path):
+    src, _ = make_checkpoint(tmp_path, "llama")
+    snapshot = {p: p.read_bytes() for p in src.iterdir()}
+    report = convert(src, 1, out=tmp_path / "o", dry_run=True)
+    assert report.dry_run and not (tmp_path / "o").exists()
+    assert [c["after"] for c in report.attention_changes][:2] == [[8, 32], [8, 32]]
+    convert(src, 1, out=tmp_path / "o")
+    assert {p: p.read_bytes() for p in src.iterdir()} == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "src"], "no temporary or lock files left"
+
+
+def test_default_output_name(tmp_path):
+    src, _ = make_checkpoint(tmp_path, "llama", name="tiny")
+    assert convert(src, 2).output == str(tmp_path / "tiny-gqa2")
+    assert convert(src, 1).output == str(tmp_path / "tiny-mqa")
+
+
+def test_plan_for_70b_shapes_without_weights(tmp_path):
+    # A Llama-2-70B layout planned from headers alone: shapes, shard count and KV saving.
+    from gqa_convert.io.safetensors_format import TensorInfo
+    from gqa_convert.io.source import Source
+
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "num_hidden_layers": 80,
+        "intermediate_size": 28672,
+        "vocab_size": 32000,
+    }
+    f = tmp_path / "model.safetensors"
+    tensors, pos = {}, 0
+
+    def add(name, shape):
+        nonlocal pos
+        n = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        tensors[name] = TensorInfo(name, "BF16", shape, f, pos, pos + n)
+        pos += n
+
+    add("model.embed_tokens.weight", (32000, 8192))
+    for i in range(80):
+        p = f"model.layers.{i}."
+        for proj in "qkvo":
+            add(p + f"self_attn.{proj}_proj.weight", (8192, 8192))
+        add(p + "mlp.gate_proj.weight", (28672, 8192))
+        add(p + "mlp.up_proj.weight", (28672, 8192))
+        add(p + "mlp.down_proj.weight", (8192, 28672))
+        add(p + "input_layernorm.weight", (8192,))
+        add(p + "post_attention_layernorm.weight", (8192,))
+    add("model.norm.weight", (8192,))
+    add("lm_head.weight", (32000, 8192))
+    source = Source("llama-70b", tmp_path, cfg, [f], "safetensors", tensors)
+    plan = build_plan(source, 8)
+    assert plan.kv_bytes_per_token() == 2 * 80 * 64 * 128 * 2
+    assert plan.kv_bytes_per_token(8) * 8 == plan.kv_bytes_per_token()
+    saved = 80 * 2 * (8192 - 1024) * 8192 * 2
+    assert plan.bytes_in - plan.bytes_out == saved
+    assert (
+        len(plan.shards) == -(-plan.bytes_out // 5_000_000_000)
+        or len(plan.shards) == -(-plan.bytes_out // 5_000_000_000) + 1
+    )
+
+
+def test_open_source_reads_headers_only(tmp_path):
+    src, _ = make_checkpoint(tmp_path, "llama")
+    s = open_source(src)
+    assert s.format == "safetensors" and len(s.weight_files) > 1
+    assert s.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (32, 32)
+
+
+def test_rejects_fused_or_renamed_layout(tmp_path):
+    src, model = make_checkpoint(tmp_path, "llama", fmt="bin")
+    sd = torch.load(src / "pytorch_model.bin")
+    sd = {k.replace("k_proj", "key"): v for k, v in sd.items()}
+    torch.save(sd, src / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="does not match the Llama family"):
+        convert(src, 2, out=tmp_path / "o")
+
+
+def test_bad_shape_against_config(tmp_path):
+    model = build_model("llama")
+    src = save_model(model, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_key_value_heads"] = 2  # the weights have 4 KV heads
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="disagrees with config.json"):
+        convert(src, 1, out=tmp_path / "o")
