@@ -54,7 +54,7 @@ def index_json(shards: list[list[OutTensor]]) -> dict | None:
     if len(shards) == 1:
         return None
     names = shard_file_names(len(shards))
-    weight_map = {t.name: f for f, shard in zip(names, shards) for t in shard}
+    weight_map = {t.name: f for f, shard in zip(names, shards, strict=True) for t in shard}
     total = sum(t.nbytes for shard in shards for t in shard)
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
@@ -156,7 +156,7 @@ class ShardWriter:
 def check_written(out_dir: Path, shards: list[list[OutTensor]]) -> None:
     """Re-open every written shard and compare its header and size with the plan, so a
     write error can never produce a target that looks complete."""
-    for file, shard in zip(shard_file_names(len(shards)), shards):
+    for file, shard in zip(shard_file_names(len(shards)), shards, strict=True):
         found, meta = read_header(out_dir / file)
         planned = {t.name: t for t in shard}
         if set(found) != set(planned) or meta != ST_METADATA:
