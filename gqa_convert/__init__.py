@@ -9,7 +9,7 @@ The library API is what the CLI calls; batch scripts and notebooks import it dir
 
 __version__ = "0.1.0"
 
-from .convert import ConvertReport, convert  # noqa: E402
+from .converter import ConvertReport, convert  # noqa: E402
 from .errors import CheckFailed, ConversionError  # noqa: E402
 from .io.source import open_source  # noqa: E402
 from .plan import build_plan, valid_groups  # noqa: E402

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..convert import ConvertReport, convert
+from ..converter import ConvertReport, convert
 from ..kvcache import human_bytes
 from ..methods import METHODS
 from ..plan import ConversionPlan

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
+from .hashing import Hashes
 from .safetensors_format import build_header, itemsize, read_header
 
 ST_METADATA = {"format": "pt"}
-_COPY_CHUNK = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,34 +59,29 @@ def index_json(shards: list[list[OutTensor]]) -> dict | None:
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
 
-@dataclass(frozen=True)
-class RawRange:
-    """Bytes to copy verbatim from a source file: [begin, end)."""
-
-    path: Path
-    begin: int
-    end: int
-
-
 class ShardWriter:
-    """Writes the planned shards into `out_dir`; call `write` once per tensor, in plan order."""
+    """Writes the planned shards into `out_dir`; call `write` once per tensor, in plan order.
+    Every byte written is fed to `hashes` under "out/<file name>"."""
 
     def __init__(
         self,
         out_dir: Path,
         shards: list[list[OutTensor]],
+        hashes: Hashes,
         on_bytes: Callable[[int], None] = lambda n: None,
-        on_shard_done: Callable[[Path], None] = lambda p: None,
     ) -> None:
         self.out_dir = out_dir
         self.shards = shards
         self.names = shard_file_names(len(shards))
+        self.hashes = hashes
         self.on_bytes = on_bytes
-        self.on_shard_done = on_shard_done
         self._shard = -1
         self._pos = 0  # index of the next tensor within the current shard
         self._fd: int | None = None
-        self._written = 0
+
+    @property
+    def _key(self) -> str:
+        return "out/" + self.names[self._shard]
 
     def _open_next(self) -> None:
         self._close_current()
@@ -94,51 +89,40 @@ class ShardWriter:
         self._pos = 0
         shard = self.shards[self._shard]
         header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard], ST_METADATA)
-        path = self.out_dir / self.names[self._shard]
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._write_all(memoryview(header))
+        self._fd = os.open(self.out_dir / self.names[self._shard], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._write_all(header)
 
     def _close_current(self) -> None:
         if self._fd is not None:
-            os.fsync(self._fd)
+            os.fsync(self._fd)  # durable before the directory is renamed into place
             os.close(self._fd)
             self._fd = None
-            self.on_shard_done(self.out_dir / self.names[self._shard])
+            self.hashes.wait(self._key)
 
-    def _write_all(self, data: memoryview) -> None:
-        while len(data):
-            n = os.write(self._fd, data[: 1 << 30])
-            data = data[n:]
+    def _write_all(self, data: bytes | memoryview) -> None:
+        self.hashes.feed(self._key, data)
+        view = memoryview(data)
+        while len(view):
+            n = os.write(self._fd, view[: 1 << 30])
+            view = view[n:]
 
-    def write(self, name: str, data: memoryview | RawRange) -> None:
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
         if self._fd is None or self._pos == len(self.shards[self._shard]):
             self._open_next()
         expected = self.shards[self._shard][self._pos]
         if expected.name != name:
             raise RuntimeError(f"writer got {name!r}, the plan expects {expected.name!r}")  # a bug, not user error
-        if isinstance(data, RawRange):
-            size = data.end - data.begin
-            self._copy_range(data)
-        else:
-            size = len(data)
-            self._write_all(data)
+        size = 0
+        for chunk in chunks:
+            self._write_all(chunk)
+            size += len(chunk)
+            self.on_bytes(len(chunk))
         if size != expected.nbytes:
             raise RuntimeError(f"{name}: wrote {size} bytes, the plan says {expected.nbytes}")
         self._pos += 1
-        self.on_bytes(size)
 
-    def _copy_range(self, r: RawRange) -> None:
-        with open(r.path, "rb") as src:
-            offset, left = r.begin, r.end - r.begin
-            while left:
-                n = os.copy_file_range(src.fileno(), self._fd, min(left, _COPY_CHUNK), offset)
-                if n == 0:
-                    raise ConversionError(f"{r.path}: file ended early (truncated source?)")
-                offset += n
-                left -= n
-                self.on_bytes(0)  # keeps the progress display alive on huge tensors
-
-    def close(self) -> None:
+    def close(self) -> dict[str, str]:
+        """Finish the last shard and the index; returns {shard file: sha256}."""
         done = self._shard + 1 == len(self.shards) and self._pos == len(self.shards[self._shard])
         if not done:
             raise RuntimeError("writer closed before every planned tensor was written")
@@ -146,6 +130,7 @@ class ShardWriter:
         index = index_json(self.shards)
         if index is not None:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return {name: self.hashes.hexdigest("out/" + name) for name in self.names}
 
     def abort(self) -> None:
         if self._fd is not None:

@@ -23,11 +23,12 @@ from . import __version__
 from .architectures import KV_ROLES, family_for
 from .card import MANIFEST, model_card, write_manifest
 from .errors import ConversionError
-from .io.hashing import BackgroundHasher
+from .io.hashing import Hashes, sha256_file
 from .io.outdir import OutputDir
-from .io.safetensors_format import tensor_bytes
+from .io.reader import SequentialReader
+from .io.safetensors_format import tensor_bytes, tensor_from_bytes
 from .io.source import Source, open_source
-from .io.writer import RawRange, ShardWriter, check_written, shard_file_names
+from .io.writer import ShardWriter, check_written, shard_file_names
 from .kvcache import kv_summary
 from .methods import LayerContext
 from .plan import DEFAULT_MAX_SHARD, ConversionPlan, LayerPlan, _source_order, build_plan
@@ -145,31 +146,53 @@ def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
     return out
 
 
-def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], None], hasher: BackgroundHasher) -> None:
+def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], None], hashes: Hashes) -> dict[str, str]:
+    """Stream every output tensor into its shard; returns SHA-256 of every source and output file."""
     source = plan.source
     member_of = {n: lp for lp in plan.layers for n in lp.input_names}
-    writer = ShardWriter(tmp, plan.shards, on_bytes=on_bytes, on_shard_done=lambda p: hasher.submit(p, "out/" + p.name))
+    writer = ShardWriter(tmp, plan.shards, hashes, on_bytes=on_bytes)
     pending: dict[int, dict[str, torch.Tensor]] = {}
+    digests: dict[str, str] = {}
+    reader: SequentialReader | None = None
+
+    def read_bytes(name: str) -> Iterator[bytes | memoryview]:
+        nonlocal reader
+        info = source.tensors[name]
+        if source.format != "safetensors":
+            yield tensor_bytes(source.read(name))
+            return
+        if reader is None or reader.path != info.path:
+            if reader is not None:
+                digests[reader.path.name] = reader.finish()
+            reader = SequentialReader(info.path, hashes)
+        yield from reader.chunks(info.begin, info.end)
+
     try:
         for name in _source_order(source):
-            if name in plan.dropped:
-                continue
             lp = member_of.get(name)
-            if lp is None:
+            if name in plan.dropped:
+                for _ in read_bytes(name):  # still read, so the source file's hash covers it
+                    pass
+            elif lp is None:
+                writer.write(name, read_bytes(name))  # untouched: bytes go straight through
+            else:
                 info = source.tensors[name]
-                if source.format == "safetensors":
-                    writer.write(name, RawRange(info.path, info.begin, info.end))
-                else:
-                    writer.write(name, tensor_bytes(source.read(name)))
-                continue
-            pending.setdefault(lp.layer, {})[name] = source.read(name)
-            if name in plan.emit_after:
-                for out_name, t in convert_layer(plan, lp, pending.pop(lp.layer)).items():
-                    writer.write(out_name, tensor_bytes(t))
-        writer.close()
+                pending.setdefault(lp.layer, {})[name] = tensor_from_bytes(b"".join(read_bytes(name)), info.dtype, info.shape)
+                if name in plan.emit_after:
+                    for out_name, t in convert_layer(plan, lp, pending.pop(lp.layer)).items():
+                        writer.write(out_name, [tensor_bytes(t)])
+        if reader is not None:
+            digests[reader.path.name] = reader.finish()
+        for path in source.weight_files:  # .bin sources, and files that held no tensor
+            if path.name not in digests:
+                digests[path.name] = sha256_file(path)
+        out_digests = writer.close()
     except BaseException:
         writer.abort()
+        if reader is not None:
+            reader.close()
         raise
+    return digests | {"out/" + k: v for k, v in out_digests.items()}
 
 
 def _copy_other_files(source: Source, tmp: Path) -> list[str]:
@@ -265,14 +288,12 @@ def convert(
         on_start(plan)
     command = command or shlex.join(["gqa-convert", *sys.argv[1:]])
     od = OutputDir(target, source.root, force)
-    with od as tmp, BackgroundHasher() as hasher:
-        for f in source.weight_files:
-            hasher.submit(f)
-        _write_weights(plan, tmp, on_bytes, hasher)
+    with od as tmp, Hashes() as hashes:
+        digests = _write_weights(plan, tmp, on_bytes, hashes)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")
         copied = _copy_other_files(source, tmp)
         check_written(tmp, plan.shards)
-        manifest = _manifest(plan, report, hasher.results(), copied, command)
+        manifest = _manifest(plan, report, digests, copied, command)
         write_manifest(tmp, manifest)
         (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
         od.commit()
