@@ -9,6 +9,8 @@ import typer
 from .. import __version__
 from .convert_cmd import EPILOG as CONVERT_EPILOG
 from .convert_cmd import convert_command
+from .verify_cmd import EPILOG as VERIFY_EPILOG
+from .verify_cmd import verify_command
 
 app = typer.Typer(
     name="gqa-convert",
@@ -24,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("convert", epilog=CONVERT_EPILOG, no_args_is_help=True)(convert_command)
+app.command("verify", epilog=VERIFY_EPILOG, no_args_is_help=True)(verify_command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,114 @@
+"""Perplexity of fixed-length models with a sliding window (as in the Hugging Face guide):
+every token of the stream is scored at most once, with up to seq_len - 1 tokens of
+context. Windows of equal shape are batched, only the scored positions go through the
+LM head, and log-softmax runs in float32 (fp16 losses overflow otherwise)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    n_score: int  # the last n_score tokens of [begin, end) are scored
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """Sliding windows over a stream: each token after the first scored exactly once
+    when stride < seq_len; with stride == seq_len, each window's first token is unscored."""
+    if not 0 < stride <= seq_len:
+        raise ValueError("stride must be in 1..seq_len")
+    out: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seq_len, n_tokens)
+        n_score = min(end - prev_end, end - begin - 1)  # a token needs one token of context
+        if n_score > 0:
+            out.append(Window(begin, end, n_score))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@dataclass
+class Score:
+    nll: float  # total negative log-likelihood, nats
+    tokens: int  # tokens scored
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+
+def _forward_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions only (the LM head is the costly part for big vocabularies)."""
+    try:
+        return model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits[:, -keep:]
+    except TypeError:  # a model without logits_to_keep
+        return model(input_ids=ids, use_cache=False).logits[:, -keep:]
+
+
+@torch.inference_mode()
+def score_stream(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    on_tokens=lambda n: None,
+) -> Score:
+    """Sum of token NLLs over the 1-D stream `ids`, windows batched by shape."""
+    groups: dict[tuple[int, int], list[Window]] = defaultdict(list)
+    for w in windows(len(ids), seq_len, stride):
+        groups[(w.length, w.n_score)].append(w)
+    nll, count = 0.0, 0
+    for (length, n_score), ws in groups.items():
+        for i in range(0, len(ws), batch_size):
+            batch = ws[i : i + batch_size]
+            x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+            # positions length-1-n_score .. length-2 predict the last n_score tokens
+            logits = _forward_logits(model, x, n_score + 1)[:, :-1].float()
+            targets = x[:, length - n_score :]
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            count += targets.numel()
+            on_tokens(targets.numel())
+    return Score(nll, count)
+
+
+def build_stream(tokenizer, documents: list[str], max_tokens: int, bos: bool) -> tuple[torch.Tensor, int, int]:
+    """Tokenize documents into one stream (BOS before each when `bos`), cut at max_tokens.
+    Returns (ids, UTF-8 bytes, words) of the text the stream covers."""
+    ids: list[int] = []
+    n_bytes = n_words = 0
+    bos_id = tokenizer.bos_token_id
+    for doc in documents:
+        toks = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if bos and bos_id is not None:
+            toks = [bos_id, *toks]
+        room = max_tokens - len(ids)
+        if len(toks) > room:  # a partial last document: count the text its tokens cover
+            toks = toks[:room]
+            doc = tokenizer.decode(toks, skip_special_tokens=True)
+        ids.extend(toks)
+        n_bytes += len(doc.encode("utf-8"))
+        n_words += len(doc.split())
+        if len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long), n_bytes, n_words
