@@ -12,7 +12,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,9 @@ def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], No
                 writer.write(name, read_bytes(name))  # untouched: bytes go straight through
             else:
                 info = source.tensors[name]
-                pending.setdefault(lp.layer, {})[name] = tensor_from_bytes(b"".join(read_bytes(name)), info.dtype, info.shape)
+                pending.setdefault(lp.layer, {})[name] = tensor_from_bytes(
+                    b"".join(read_bytes(name)), info.dtype, info.shape
+                )
                 if name in plan.emit_after:
                     for out_name, t in convert_layer(plan, lp, pending.pop(lp.layer)).items():
                         writer.write(out_name, [tensor_bytes(t)])

@@ -45,19 +45,32 @@ def open_checked(spec: str, trust_remote_code: bool = False) -> tuple[Source, li
         source = open_source(root)
     except ConversionError as e:
         raise CheckFailed(str(e)) from None
-    checks.append(Check("index and shards agree", True, f"{len(source.tensors)} tensors in {len(source.weight_files)} file(s)"))
+    checks.append(
+        Check("index and shards agree", True, f"{len(source.tensors)} tensors in {len(source.weight_files)} file(s)")
+    )
     try:
         family = family_for(config)
     except ConversionError:
-        checks.append(Check("shapes match config.json", True, f"skipped: model_type {config.get('model_type')!r} is not in the family table"))
+        checks.append(
+            Check(
+                "shapes match config.json",
+                True,
+                f"skipped: model_type {config.get('model_type')!r} is not in the family table",
+            )
+        )
     else:
         try:
             shape = head_shape(family, config)
             build_plan(source, shape.n_kv_heads)  # checks every layer's q/k/v/o shapes against the config
         except ConversionError as e:
             raise CheckFailed(str(e)) from None
-        checks.append(Check("shapes match config.json", True,
-                            f"{shape.n_heads} query heads, {shape.n_kv_heads} KV heads x head_dim {shape.head_dim}"))
+        checks.append(
+            Check(
+                "shapes match config.json",
+                True,
+                f"{shape.n_heads} query heads, {shape.n_kv_heads} KV heads x head_dim {shape.head_dim}",
+            )
+        )
     for name in source.tensors:
         t = source.read(name)
         if t.is_floating_point() and not torch.isfinite(t).all():

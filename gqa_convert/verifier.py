@@ -23,8 +23,14 @@ from .perplexity import Score, build_stream, score_stream
 
 DEFAULT_MAX_TOKENS = 16384
 MAX_DEFAULT_SEQ_LEN = 1024
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -146,7 +152,10 @@ def verify(
     report = VerifyReport(
         converted=_model_result("converted", str(root), source.config, kv_dtype),
         reference=_model_result("reference", str(ref_root), read_config(ref_root), kv_dtype) if ref_root else None,
-        checks=checks, settings={}, data=[], max_ppl_ratio=max_ppl_ratio,
+        checks=checks,
+        settings={},
+        data=[],
+        max_ppl_ratio=max_ppl_ratio,
     )
     if report.reference and report.reference.kv_bytes_per_token and report.converted.kv_bytes_per_token:
         report.kv_saving = 1 - report.converted.kv_bytes_per_token / report.reference.kv_bytes_per_token
@@ -168,16 +177,32 @@ def verify(
             raise ConversionError("the data gives fewer than 2 tokens; nothing to score")
         vocab = conv_model.get_input_embeddings().num_embeddings
         if int(stream.max()) >= vocab:
-            raise ConversionError(f"the tokenizer gives token id {int(stream.max())}, but the model has only {vocab} embeddings")
+            raise ConversionError(
+                f"the tokenizer gives token id {int(stream.max())}, but the model has only {vocab} embeddings"
+            )
         if ref_root is not None:
             ref_tok = AutoTokenizer.from_pretrained(ref_root)
-            if ref_tok(docs[0][:2000], add_special_tokens=False)["input_ids"] != tokenizer(docs[0][:2000], add_special_tokens=False)["input_ids"]:
-                raise ConversionError("the converted model and the reference tokenize the data differently; they cannot be compared")
+            if (
+                ref_tok(docs[0][:2000], add_special_tokens=False)["input_ids"]
+                != tokenizer(docs[0][:2000], add_special_tokens=False)["input_ids"]
+            ):
+                raise ConversionError(
+                    "the converted model and the reference tokenize the data differently; they cannot be compared"
+                )
         report.settings = {
-            "tokens_in_stream": len(stream), "seq_len": seq_len, "stride": stride, "batch_size": batch_size,
-            "bos": f"BOS (id {tokenizer.bos_token_id}) before each document" if use_bos and tokenizer.bos_token_id is not None else "no BOS",
-            "dtype": str(torch_dtype).replace("torch.", ""), "device": device, "max_tokens": max_tokens,
-            "separator": separator or "blank lines", "bytes": n_bytes, "words": n_words,
+            "tokens_in_stream": len(stream),
+            "seq_len": seq_len,
+            "stride": stride,
+            "batch_size": batch_size,
+            "bos": f"BOS (id {tokenizer.bos_token_id}) before each document"
+            if use_bos and tokenizer.bos_token_id is not None
+            else "no BOS",
+            "dtype": str(torch_dtype).replace("torch.", ""),
+            "device": device,
+            "max_tokens": max_tokens,
+            "separator": separator or "blank lines",
+            "bytes": n_bytes,
+            "words": n_words,
         }
         on_stage("converted", len(stream))
         _measure(report.converted, conv_model, stream, seq_len, stride, batch_size, device, n_bytes, n_words, on_tokens)
@@ -194,14 +219,26 @@ def verify(
         ref_model = load_model(ref_root, torch_dtype, device, trust_remote_code)
         if stream is not None:
             on_stage("reference", len(stream))
-            _measure(report.reference, ref_model, stream, seq_len, stride, batch_size, device,
-                     report.settings["bytes"], report.settings["words"], on_tokens)
+            _measure(
+                report.reference,
+                ref_model,
+                stream,
+                seq_len,
+                stride,
+                batch_size,
+                device,
+                report.settings["bytes"],
+                report.settings["words"],
+                on_tokens,
+            )
             report.ppl_ratio = report.converted.ppl / report.reference.ppl
             report.ppl_diff = report.converted.ppl - report.reference.ppl
         if generate:
             from transformers import AutoTokenizer
 
-            report.reference.sample = _greedy(ref_model, AutoTokenizer.from_pretrained(ref_root), prompt, generate, device)
+            report.reference.sample = _greedy(
+                ref_model, AutoTokenizer.from_pretrained(ref_root), prompt, generate, device
+            )
         del ref_model
     if max_ppl_ratio is not None and report.ppl_ratio is not None:
         report.passed = report.ppl_ratio <= max_ppl_ratio
@@ -214,7 +251,9 @@ def _model_result(role: str, path: str, config: dict[str, Any], dtype: torch.dty
     return ModelResult(role, path, n_kv, per_token, at)
 
 
-def _measure(result: ModelResult, model, stream, seq_len, stride, batch_size, device, n_bytes, n_words, on_tokens) -> None:
+def _measure(
+    result: ModelResult, model, stream, seq_len, stride, batch_size, device, n_bytes, n_words, on_tokens
+) -> None:
     start = time.perf_counter()
     s: Score = score_stream(model, stream, seq_len, stride, batch_size, device, on_tokens)
     result.tokens_per_second = s.tokens / (time.perf_counter() - start)

@@ -30,10 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gqa_convert.io.safetensors_format import build_header  # noqa: E402
 
 LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
-    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
 }
 
 NAIVE = r"""
@@ -59,7 +71,11 @@ def tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         out += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-        out += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
+        out += [
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
         out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
@@ -117,8 +133,11 @@ def measure(cmd: list[str], cold: bool) -> tuple[float, int, bool]:
     # GNU time measures its own fresh child: our (large) process's pages are not counted.
     with tempfile.NamedTemporaryFile("r") as rss_file:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
@@ -141,29 +160,41 @@ def main() -> None:
         src = work / "llama-2-7b-shapes"
         t0 = time.perf_counter()
         total = build_checkpoint(src, cfg, shard_bytes=10 * 1000**3)
-        print(f"built {src.name}: {args.layers} layers, {total / 1e9:.2f} GB bf16 in "
-              f"{len(list(src.glob('*.safetensors')))} shards ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"built {src.name}: {args.layers} layers, {total / 1e9:.2f} GB bf16 in "
+            f"{len(list(src.glob('*.safetensors')))} shards ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         gqa = [sys.executable, "-m", "gqa_convert", str(src), "--groups", str(args.groups), "--quiet"]
         runs = [
             ("cp -r", ["cp", "-r", str(src), str(work / "copy")], work / "copy"),
             ("gqa-convert", gqa + ["--out", str(work / "gqa")], work / "gqa"),
         ]
         if not args.skip_naive:
-            runs.append(("transformers", [sys.executable, "-c", NAIVE, str(src), str(work / "naive"), str(args.groups)],
-                         work / "naive"))
+            runs.append(
+                (
+                    "transformers",
+                    [sys.executable, "-c", NAIVE, str(src), str(work / "naive"), str(args.groups)],
+                    work / "naive",
+                )
+            )
         results = []
         for label, cmd, out in runs:
             wall, rss, cold = measure(cmd, not args.warm)
             results.append((label, wall, rss))
-            print(f"  {label:<13} {wall:8.1f} s  peak RSS {rss / 2**30:6.2f} GiB  ({'cold' if cold else 'warm'} cache)",
-                  flush=True)
+            print(
+                f"  {label:<13} {wall:8.1f} s  peak RSS {rss / 2**30:6.2f} GiB  ({'cold' if cold else 'warm'} cache)",
+                flush=True,
+            )
             shutil.rmtree(out, ignore_errors=True)
         base = results[0][1]
         print(f"\n{'run':<13} {'wall s':>8} {'x cp':>6} {'peak RSS GiB':>13}")
         for label, wall, rss in results:
             print(f"{label:<13} {wall:8.1f} {wall / base:6.2f} {rss / 2**30:13.2f}")
-        print(f"\ntargets: gqa-convert within 1.5x of cp's wall time, peak RSS under 2 GB "
-              f"(G={args.groups}, {args.layers} layers, {total / 1e9:.1f} GB)")
+        print(
+            f"\ntargets: gqa-convert within 1.5x of cp's wall time, peak RSS under 2 GB "
+            f"(G={args.groups}, {args.layers} layers, {total / 1e9:.1f} GB)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -68,13 +68,21 @@ def main() -> None:
     s = score_stream(model, ids, args.seq_len, args.stride, args.batch_size)
     t_ours = time.perf_counter() - t0
 
-    print(f"model {Path(args.model).name}, {len(ids)} tokens, seq-len {args.seq_len}, stride {args.stride}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"model {Path(args.model).name}, {len(ids)} tokens, seq-len {args.seq_len}, stride {args.stride}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     print(f"{'scorer':<22} {'tokens':>7} {'ppl':>10} {'seconds':>8} {'tokens/s':>9} {'speed-up':>9}")
-    print(f"{'guide loop (1 window)':<22} {n_g:>7} {math.exp(nll_g / n_g):>10.5f} {t_guide:>8.2f} {n_g / t_guide:>9.0f} {1:>9.2f}")
-    print(f"{'verify (batched)':<22} {s.tokens:>7} {s.ppl:>10.5f} {t_ours:>8.2f} {s.tokens / t_ours:>9.0f} "
-          f"{(s.tokens / t_ours) / (n_g / t_guide):>9.2f}")
-    print(f"relative ppl difference: {abs(s.ppl / math.exp(nll_g / n_g) - 1):.2e}  (target: speed-up >= 2 at equal results)")
+    print(
+        f"{'guide loop (1 window)':<22} {n_g:>7} {math.exp(nll_g / n_g):>10.5f} {t_guide:>8.2f} {n_g / t_guide:>9.0f} {1:>9.2f}"
+    )
+    print(
+        f"{'verify (batched)':<22} {s.tokens:>7} {s.ppl:>10.5f} {t_ours:>8.2f} {s.tokens / t_ours:>9.0f} "
+        f"{(s.tokens / t_ours) / (n_g / t_guide):>9.2f}"
+    )
+    print(
+        f"relative ppl difference: {abs(s.ppl / math.exp(nll_g / n_g) - 1):.2e}  (target: speed-up >= 2 at equal results)"
+    )
 
 
 if __name__ == "__main__":

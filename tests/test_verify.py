@@ -52,8 +52,15 @@ def test_windows_score_each_token_once():
 def test_verify_matches_simple_loop(tmp_path, seq_len, stride, batch):
     src = shared_path("models", "stories260K")
     data = shared_path("data", "tinystories-valid-head64k.txt")
-    report = verify(str(src), data=[str(data)], separator=STORIES_SEP, max_tokens=600, seq_len=seq_len,
-                    stride=stride, batch_size=batch)
+    report = verify(
+        str(src),
+        data=[str(data)],
+        separator=STORIES_SEP,
+        max_tokens=600,
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch,
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
@@ -66,9 +73,12 @@ def test_verify_matches_simple_loop(tmp_path, seq_len, stride, batch):
 
 
 def test_stories260k_matches_published_loss():
-    report = verify(str(shared_path("models", "stories260K")),
-                    data=[str(shared_path("data", "tinystories-valid-head64k.txt"))], separator=STORIES_SEP,
-                    max_tokens=8192)
+    report = verify(
+        str(shared_path("models", "stories260K")),
+        data=[str(shared_path("data", "tinystories-valid-head64k.txt"))],
+        separator=STORIES_SEP,
+        max_tokens=8192,
+    )
     # published validation loss 1.297 nats/token on TinyStories; a sample of it lands near that
     assert 1.1 < report.converted.loss < 1.45
 
@@ -86,8 +96,23 @@ def test_converted_vs_manifest_reference(tmp_path):
     assert r.reference is not None and r.reference.path == str(src)
     assert r.reference.tokens == r.converted.tokens > 0
     assert r.kv_saving == 0.5 and r.ppl_ratio == pytest.approx(r.converted.ppl / r.reference.ppl)
-    res = runner.invoke(app, ["verify", str(tmp_path / "o"), "--data", str(text), "--max-tokens", "200",
-                              "--seq-len", "32", "--max-ppl-ratio", "0.0001", "--json", "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "verify",
+            str(tmp_path / "o"),
+            "--data",
+            str(text),
+            "--max-tokens",
+            "200",
+            "--seq-len",
+            "32",
+            "--max-ppl-ratio",
+            "0.0001",
+            "--json",
+            "-q",
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert json.loads(res.stdout)["passed"] is False
 
@@ -122,13 +147,16 @@ def _damage(tmp_path, how: str):
     return src
 
 
-@pytest.mark.parametrize("how, message", [
-    ("shard missing", "which is not there"),
-    ("tensor missing", "does not hold it"),
-    ("wrong shape", "disagrees with config.json"),
-    ("nan", "model.layers.0.mlp.up_proj.weight: 1 NaN/Inf"),
-    ("config", "does not divide"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("shard missing", "which is not there"),
+        ("tensor missing", "does not hold it"),
+        ("wrong shape", "disagrees with config.json"),
+        ("nan", "model.layers.0.mlp.up_proj.weight: 1 NaN/Inf"),
+        ("config", "does not divide"),
+    ],
+)
 def test_integrity_failures_exit_1(tmp_path, how, message):
     src = _damage(tmp_path, how)
     with pytest.raises(CheckFailed, match=message):

@@ -44,28 +44,45 @@ def render(r: VerifyReport) -> None:
         t.add_column("converted / reference", justify="right")
     ratio = lambda a, b: _fmt(a / b if a is not None and b else None, ".3f")  # noqa: E731
     rows = [
-        ("token perplexity", "ppl", ".4f"), ("loss (nats/token)", "loss", ".4f"),
-        ("bits per byte", "bits_per_byte", ".4f"), ("word perplexity", "word_ppl", ".3f"),
-        ("tokens scored", "tokens", "d"), ("tokens / s", "tokens_per_second", ".0f"),
+        ("token perplexity", "ppl", ".4f"),
+        ("loss (nats/token)", "loss", ".4f"),
+        ("bits per byte", "bits_per_byte", ".4f"),
+        ("word perplexity", "word_ppl", ".3f"),
+        ("tokens scored", "tokens", "d"),
+        ("tokens / s", "tokens_per_second", ".0f"),
     ]
     for label, attr, spec in rows:
         vals = [getattr(m, attr) for m in models]
         if all(v is None for v in vals):
             continue
-        extra = [ratio(r.converted.__dict__[attr], r.reference.__dict__[attr])] if r.reference and attr in ("ppl", "word_ppl") else [""] if r.reference else []
+        extra = (
+            [ratio(r.converted.__dict__[attr], r.reference.__dict__[attr])]
+            if r.reference and attr in ("ppl", "word_ppl")
+            else [""]
+            if r.reference
+            else []
+        )
         t.add_row(label, *[_fmt(v, spec) for v in vals], *extra)
     t.add_row("KV heads", *[str(m.kv_heads) for m in models], *([""] if r.reference else []))
-    t.add_row("KV cache / token", *[human_bytes(m.kv_bytes_per_token) if m.kv_bytes_per_token else "-" for m in models],
-              *([f"saves {r.kv_saving:.1%}" if r.kv_saving is not None else ""] if r.reference else []))
+    t.add_row(
+        "KV cache / token",
+        *[human_bytes(m.kv_bytes_per_token) if m.kv_bytes_per_token else "-" for m in models],
+        *([f"saves {r.kv_saving:.1%}" if r.kv_saving is not None else ""] if r.reference else []),
+    )
     for c, _ in (r.converted.kv_at_context or {}).items():
-        t.add_row(f"KV cache at {int(c) // 1024}k tokens", *[human_bytes(m.kv_at_context.get(c, 0)) for m in models],
-                  *([""] if r.reference else []))
+        t.add_row(
+            f"KV cache at {int(c) // 1024}k tokens",
+            *[human_bytes(m.kv_at_context.get(c, 0)) for m in models],
+            *([""] if r.reference else []),
+        )
     console.print(t)
     if r.settings:
         s = r.settings
-        console.print(f"[dim]settings: {s.get('tokens_in_stream', '-')} tokens in stream, seq-len {s.get('seq_len')}, "
-                      f"stride {s.get('stride')}, {s.get('bos')}, {s.get('dtype')} on {s.get('device')}, "
-                      f"documents split on {s.get('separator')}[/]")
+        console.print(
+            f"[dim]settings: {s.get('tokens_in_stream', '-')} tokens in stream, seq-len {s.get('seq_len')}, "
+            f"stride {s.get('stride')}, {s.get('bos')}, {s.get('dtype')} on {s.get('device')}, "
+            f"documents split on {s.get('separator')}[/]"
+        )
         for d in r.data:
             console.print(f"[dim]data: {d.spec} ({d.documents} documents, {d.bytes} bytes, sha256 {d.sha256[:12]}…)[/]")
     for m in models:
@@ -78,23 +95,91 @@ def render(r: VerifyReport) -> None:
 
 def verify_command(
     converted: str = typer.Argument(..., help="The checkpoint to check (usually gqa-convert's output)."),
-    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Model to compare with [default: the source named in the conversion manifest].", rich_help_panel="Data"),
-    no_reference: bool = typer.Option(False, "--no-reference", help="Measure the converted model alone, even if a manifest names a source.", rich_help_panel="Data"),
-    data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="Text file(s): plain text (documents split on blank lines or --separator), .jsonl with a text field, or 'wikitext-2' (needs `datasets` and the network or its cache). Repeat for several.", rich_help_panel="Data"),
-    separator: Optional[str] = typer.Option(None, "--separator", help="Document separator in plain text files, e.g. '<|endoftext|>' [default: blank lines].", rich_help_panel="Data"),
-    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in .jsonl files.", rich_help_panel="Data"),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Tokens of data to use (the stream is cut there).", rich_help_panel="Data"),
-    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Put BOS before each document [default: when the tokenizer has one].", rich_help_panel="Data"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length [default: the model's context, at most 1024].", rich_help_panel="Perplexity"),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Window step; each token is scored once with up to seq-len of context [default: seq-len/2].", rich_help_panel="Perplexity"),
+    reference: Optional[str] = typer.Option(
+        None,
+        "--reference",
+        "-r",
+        help="Model to compare with [default: the source named in the conversion manifest].",
+        rich_help_panel="Data",
+    ),
+    no_reference: bool = typer.Option(
+        False,
+        "--no-reference",
+        help="Measure the converted model alone, even if a manifest names a source.",
+        rich_help_panel="Data",
+    ),
+    data: Optional[list[str]] = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Text file(s): plain text (documents split on blank lines or --separator), .jsonl with a text field, or 'wikitext-2' (needs `datasets` and the network or its cache). Repeat for several.",
+        rich_help_panel="Data",
+    ),
+    separator: Optional[str] = typer.Option(
+        None,
+        "--separator",
+        help="Document separator in plain text files, e.g. '<|endoftext|>' [default: blank lines].",
+        rich_help_panel="Data",
+    ),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="Field holding the text in .jsonl files.", rich_help_panel="Data"
+    ),
+    max_tokens: int = typer.Option(
+        DEFAULT_MAX_TOKENS,
+        "--max-tokens",
+        help="Tokens of data to use (the stream is cut there).",
+        rich_help_panel="Data",
+    ),
+    bos: Optional[bool] = typer.Option(
+        None,
+        "--bos/--no-bos",
+        help="Put BOS before each document [default: when the tokenizer has one].",
+        rich_help_panel="Data",
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None,
+        "--seq-len",
+        help="Window length [default: the model's context, at most 1024].",
+        rich_help_panel="Perplexity",
+    ),
+    stride: Optional[int] = typer.Option(
+        None,
+        "--stride",
+        help="Window step; each token is scored once with up to seq-len of context [default: seq-len/2].",
+        rich_help_panel="Perplexity",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass.", rich_help_panel="Performance"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16, float16.", rich_help_panel="Performance"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].", rich_help_panel="Performance"),
-    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Exit 1 when converted/reference perplexity exceeds this.", rich_help_panel="Checks"),
-    generate: int = typer.Option(0, "--generate", help="Greedy-generate this many tokens from both models, side by side.", rich_help_panel="Checks"),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, bfloat16, float16.",
+        rich_help_panel="Performance",
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].", rich_help_panel="Performance"
+    ),
+    max_ppl_ratio: Optional[float] = typer.Option(
+        None,
+        "--max-ppl-ratio",
+        help="Exit 1 when converted/reference perplexity exceeds this.",
+        rich_help_panel="Checks",
+    ),
+    generate: int = typer.Option(
+        0,
+        "--generate",
+        help="Greedy-generate this many tokens from both models, side by side.",
+        rich_help_panel="Checks",
+    ),
     prompt: str = typer.Option("Once upon a time", "--prompt", help="Prompt for --generate.", rich_help_panel="Checks"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow checkpoints whose config asks for custom model code (auto_map).", rich_help_panel="Checks"),
-    json_out: bool = typer.Option(False, "--json", help="Print every figure as JSON on stdout.", rich_help_panel="Output"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow checkpoints whose config asks for custom model code (auto_map).",
+        rich_help_panel="Checks",
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print every figure as JSON on stdout.", rich_help_panel="Output"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables.", rich_help_panel="Output"),
 ) -> None:
     """Check a converted checkpoint: integrity, perplexity against its source, KV cache saving.
@@ -102,8 +187,16 @@ def verify_command(
     Integrity comes first (index and shards agree, shapes match config.json, no NaN/Inf,
     loads with AutoModelForCausalLM); then both models score exactly the same tokens.
     """
-    progress = Progress(TextColumn("[bold]scoring {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("tokens"), TimeRemainingColumn(), console=console, disable=quiet, transient=True)
+    progress = Progress(
+        TextColumn("[bold]scoring {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    )
     tasks: dict[str, int] = {}
 
     def on_stage(stage: str, total: int) -> None:
@@ -112,10 +205,24 @@ def verify_command(
 
     with user_errors(), progress:
         report = verify(
-            converted, reference=reference, use_manifest=not no_reference, data=data, separator=separator,
-            text_field=text_field, max_tokens=max_tokens, seq_len=seq_len, stride=stride, batch_size=batch_size,
-            dtype=dtype, device=device, bos=bos, max_ppl_ratio=max_ppl_ratio, generate=generate, prompt=prompt,
-            trust_remote_code=trust_remote_code, on_stage=on_stage,
+            converted,
+            reference=reference,
+            use_manifest=not no_reference,
+            data=data,
+            separator=separator,
+            text_field=text_field,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            stride=stride,
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            bos=bos,
+            max_ppl_ratio=max_ppl_ratio,
+            generate=generate,
+            prompt=prompt,
+            trust_remote_code=trust_remote_code,
+            on_stage=on_stage,
             on_tokens=lambda n: progress.advance(tasks["now"], n),
         )
     if not quiet:
