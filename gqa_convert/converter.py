@@ -27,7 +27,7 @@ from .io.hashing import Hashes, sha256_file
 from .io.outdir import OutputDir
 from .io.reader import SequentialReader
 from .io.safetensors_format import tensor_bytes, tensor_from_bytes
-from .io.source import Source, open_source
+from .io.source import open_source
 from .io.writer import ShardWriter, check_written, shard_file_names
 from .kvcache import kv_summary
 from .methods import LayerContext
@@ -197,16 +197,18 @@ def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], No
     return digests | {"out/" + k: v for k, v in out_digests.items()}
 
 
-def _copy_other_files(source: Source, tmp: Path) -> list[str]:
+def copy_other_files(root: Path, dest: Path) -> list[str]:
+    """Copy every non-weight file of a checkpoint (tokenizer, generation config, chat
+    template, custom code) into `dest`; returns their relative paths."""
     copied = []
-    for path in sorted(source.root.rglob("*")):
-        rel = path.relative_to(source.root)
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or path.is_dir():
             continue
         if str(rel) in _OWN_FILES or path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json"):
             continue
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, tmp / rel)  # follows hub-cache symlinks to the real file
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)  # follows hub-cache symlinks to the real file
         copied.append(str(rel))
     return copied
 
@@ -293,7 +295,7 @@ def convert(
     with od as tmp, Hashes() as hashes:
         digests = _write_weights(plan, tmp, on_bytes, hashes)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")
-        copied = _copy_other_files(source, tmp)
+        copied = copy_other_files(source.root, tmp)
         check_written(tmp, plan.shards)
         manifest = _manifest(plan, report, digests, copied, command)
         write_manifest(tmp, manifest)

@@ -80,13 +80,19 @@ def open_checked(spec: str, trust_remote_code: bool = False) -> tuple[Source, li
     return source, checks
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would drown ours; our checks report what matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(root: Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """AutoModelForCausalLM, refusing a load that left weights missing or unused."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # our own checks below report what matters
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             root, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True

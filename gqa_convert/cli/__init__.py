@@ -9,6 +9,10 @@ import typer
 from .. import __version__
 from .convert_cmd import EPILOG as CONVERT_EPILOG
 from .convert_cmd import convert_command
+from .demo_cmd import EPILOG as DEMO_EPILOG
+from .demo_cmd import demo_command
+from .uptrain_cmd import EPILOG as UPTRAIN_EPILOG
+from .uptrain_cmd import uptrain_command
 from .verify_cmd import EPILOG as VERIFY_EPILOG
 from .verify_cmd import verify_command
 
@@ -27,6 +31,8 @@ app = typer.Typer(
 )
 app.command("convert", epilog=CONVERT_EPILOG, no_args_is_help=True)(convert_command)
 app.command("verify", epilog=VERIFY_EPILOG, no_args_is_help=True)(verify_command)
+app.command("uptrain", epilog=UPTRAIN_EPILOG, no_args_is_help=True)(uptrain_command)
+app.command("demo", epilog=DEMO_EPILOG)(demo_command)
 
 
 def _version(value: bool) -> None:
