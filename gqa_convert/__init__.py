@@ -13,6 +13,8 @@ from .converter import ConvertReport, convert  # noqa: E402
 from .errors import CheckFailed, ConversionError  # noqa: E402
 from .io.source import open_source  # noqa: E402
 from .plan import build_plan, valid_groups  # noqa: E402
+from .uptrainer import UptrainOptions, UptrainReport, uptrain  # noqa: E402
+from .verifier import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -22,5 +24,10 @@ __all__ = [
     "build_plan",
     "convert",
     "open_source",
+    "uptrain",
+    "UptrainOptions",
+    "UptrainReport",
     "valid_groups",
+    "verify",
+    "VerifyReport",
 ]

@@ -52,6 +52,13 @@ def plot_quality(rows: list[dict[str, Any]], path: Path, title: str, extra: dict
         ax.plot([1], [value], "*", markersize=14, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    gs = sorted({r["groups"] for r in rows})
+    ax.xaxis.set_major_locator(FixedLocator(gs))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV heads G (log scale)")
     ax.set_ylabel("perplexity ratio converted / source (log)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
