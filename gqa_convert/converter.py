@@ -24,7 +24,7 @@ from .architectures import KV_ROLES, family_for
 from .card import MANIFEST, model_card, write_manifest
 from .errors import ConversionError
 from .io.hashing import Hashes, sha256_file
-from .io.outdir import OutputDir
+from .io.outdir import OutputDir, writing_errors
 from .io.reader import SequentialReader
 from .io.safetensors_format import tensor_bytes, tensor_from_bytes
 from .io.source import open_source
@@ -292,7 +292,7 @@ def convert(
         on_start(plan)
     command = command or shlex.join(["gqa-convert", *sys.argv[1:]])
     od = OutputDir(target, source.root, force)
-    with od as tmp, Hashes() as hashes:
+    with writing_errors(target), od as tmp, Hashes() as hashes:
         digests = _write_weights(plan, tmp, on_bytes, hashes)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")
         copied = copy_other_files(source.root, tmp)

@@ -165,7 +165,8 @@ def convert_command(
                 on_bytes=on_bytes,
             )
         finally:
-            progress.stop()
+            if task is not None:
+                progress.stop()
     if not quiet:
         if dry_run:
             console.print(_plan_table(report))

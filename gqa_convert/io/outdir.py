@@ -8,9 +8,11 @@ import errno
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConversionError
+from ..errors import EXIT_FAILURE, EXIT_USAGE, ConversionError
 
 TMP_TAG = ".gqa-tmp-"
 
@@ -127,6 +129,29 @@ class OutputDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
         self._unlock()
+
+
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextmanager
+def writing_errors(target: Path) -> Iterator[None]:
+    """An OSError while writing (disk full, file-size limit, permissions) becomes one clear
+    message; OutputDir has already removed the temporary output by the time it is shown."""
+    try:
+        yield
+    except OSError as e:
+        what = {
+            errno.ENOSPC: "the disk is full",
+            errno.EFBIG: "a file-size limit was hit",
+            errno.EDQUOT: "the disk quota is exhausted",
+        }.get(e.errno, e.strerror or str(e))
+        code = EXIT_USAGE if e.errno in _NOT_ALLOWED else EXIT_FAILURE
+        raise ConversionError(
+            f"writing {target} failed: {what} ({e.filename or 'output'}); the partial output was removed "
+            "and nothing was left at the output path. Free space or choose another --out, then run again.",
+            exit_code=code,
+        ) from None
 
 
 def _fsync_dir(path: Path) -> None:
