@@ -26,11 +26,13 @@ from .errors import ConversionError
 from .io.hashing import Hashes, sha256_file
 from .io.outdir import OutputDir, writing_errors
 from .io.reader import SequentialReader
+from .io.safetensors_format import itemsize as _itemsize
 from .io.safetensors_format import tensor_bytes, tensor_from_bytes
 from .io.source import open_source
 from .io.writer import ShardWriter, check_written, shard_file_names
 from .kvcache import kv_summary
-from .methods import LayerContext
+from .methods import LayerContext, fold_problem
+from .methods import grouping as head_grouping
 from .plan import DEFAULT_MAX_SHARD, ConversionPlan, LayerPlan, _source_order, build_plan
 
 # Files never copied from the source: weights (ours replace them) and what we write ourselves.
@@ -133,7 +135,17 @@ def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
         seed=plan.seed,
         init_range=float(plan.source.config.get("initializer_range", 0.02)),
         names={role: names[0] for role, names in lp.inputs.items()},
+        rope=plan.rope,
+        key_norm=plan.key_norm,
+        moment=plan.calibration.moments[lp.layer] if plan.calibration is not None else None,
     )
+    s = plan.shape
+    groups = head_grouping.contiguous(s.n_kv_heads, plan.n_groups)
+    if plan.grouping == "search" and plan.n_groups < s.n_kv_heads:
+        groups = head_grouping.search(s.n_kv_heads, plan.n_groups, fold_problem(by_role, ctx).cost)
+        # make each group contiguous; a head permutation leaves the function unchanged
+        by_role = head_grouping.permute(by_role, [h for g in groups for h in g], s.n_heads, s.n_kv_heads)
+    plan.groupings[lp.layer] = groups
     converted = plan.method.convert_layer(by_role, ctx)
     out: dict[str, torch.Tensor] = {}
     for role, targets in lp.outputs.items():
@@ -239,12 +251,13 @@ def _manifest(
             "kv_heads_before": plan.shape.n_kv_heads,
             "kv_heads_after": plan.n_groups,
             "head_dim": plan.shape.head_dim,
-            "grouping": [
-                list(
-                    range(g * plan.shape.n_kv_heads // plan.n_groups, (g + 1) * plan.shape.n_kv_heads // plan.n_groups)
-                )
-                for g in range(plan.n_groups)
-            ],
+            "grouping_mode": plan.grouping,
+            # KV heads of the source in each group, per layer (all layers alike for contiguous)
+            "grouping": {str(k): v for k, v in sorted(plan.groupings.items())},
+            "calibration": plan.calibration.describe() if plan.calibration is not None else None,
+            "keys": "mean pooling (per-head key norm: no exact fold)"
+            if plan.key_norm and plan.method.name == "fold"
+            else None,
             "emulated": False,
             "dropped_tensors": plan.dropped,
         },
@@ -269,6 +282,11 @@ def convert(
     force: bool = False,
     dry_run: bool = False,
     revision: str | None = None,
+    grouping: str = "contiguous",
+    calib: list[str] | None = None,
+    calib_tokens: int = 32768,
+    calib_separator: str | None = None,
+    trust_remote_code: bool = False,
     on_start: Callable[[ConversionPlan], None] | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
     command: str | None = None,
@@ -282,8 +300,27 @@ def convert(
     """
     started = time.perf_counter()
     source = open_source(model, revision, check_config=family_for)
-    plan = build_plan(source, n_groups, method, seed=seed, max_shard_size=max_shard_size)
+    plan = build_plan(source, n_groups, method, seed=seed, max_shard_size=max_shard_size, grouping=grouping)
     target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
+    if calib and method != "fold":
+        raise ConversionError(f"--calib is used by --method fold only (not {method!r})")
+    if calib and not dry_run:
+        OutputDir(target, source.root, force).check()  # refuse a bad --out before calibrating
+        from .calibrate import collect
+
+        fp32_bytes = sum(t.nbytes * 4 // _itemsize(t.dtype) for t in source.tensors.values())
+        plan.calibration = collect(
+            source.root,
+            source.config,
+            plan.family,
+            plan.attn_prefix,
+            plan.shape.n_layers,
+            calib,
+            tokens=calib_tokens,
+            separator=calib_separator,
+            bytes_fp32=fp32_bytes,
+            trust_remote_code=trust_remote_code,
+        )
     report = _report(plan, target.absolute(), dry_run)
     if dry_run:
         OutputDir(target, source.root, force).check()  # same refusals as a real run; nothing is created

@@ -3,15 +3,27 @@ from, and how they are sharded — all computed from headers before any weight i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .architectures import KV_ROLES, REQUIRED_ROLES, Family, HeadShape, family_for, head_shape
+from .architectures import (
+    KV_ROLES,
+    REQUIRED_ROLES,
+    Family,
+    HeadShape,
+    family_for,
+    head_shape,
+    normalises_keys,
+    rotary_dims,
+)
 from .errors import ConversionError
 from .io.safetensors_format import itemsize
 from .io.source import Source
 from .io.writer import OutTensor, plan_shards
 from .methods import Method, get_method
+from .methods.fold import Rope, rope_layout
+
+GROUPINGS = ("contiguous", "search")
 
 DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' "5GB"
 
@@ -42,6 +54,12 @@ class ConversionPlan:
     shards: list[list[OutTensor]]
     config_out: dict[str, Any]
     kv_dtype: str
+    attn_prefix: str
+    grouping: str = "contiguous"  # or "search"
+    rope: Rope | None = None
+    key_norm: bool = False
+    calibration: Any = None  # calibrate.Calibration, when --calib was given
+    groupings: dict[int, list[list[int]]] = field(default_factory=dict)  # filled in as layers convert
 
     @property
     def bytes_in(self) -> int:
@@ -156,12 +174,15 @@ def build_plan(
     *,
     seed: int = 0,
     max_shard_size: int = DEFAULT_MAX_SHARD,
+    grouping: str = "contiguous",
 ) -> ConversionPlan:
     """Check everything that can be checked without reading weights, and plan the output."""
     family = family_for(source.config)
     shape = head_shape(family, source.config, f"{source.root / 'config.json'}")
     check_groups(n_groups, shape)
     chosen = get_method(method)
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
     if max_shard_size < 1:
         raise ConversionError("--max-shard-size must be positive")
     template = _attn_prefix(family, source)
@@ -218,4 +239,8 @@ def build_plan(
         plan_shards(order, max_shard_size),
         config_out,
         kv_dtype,
+        template,
+        grouping,
+        rope_layout(shape.head_dim, rotary_dims(family, source.config, shape.head_dim), family.rope_layout),
+        normalises_keys(family, source.config),
     )

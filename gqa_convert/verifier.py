@@ -16,7 +16,7 @@ import torch
 from .card import read_manifest
 from .data import DataSource, load_documents
 from .errors import ConversionError
-from .integrity import Check, load_model, open_checked, refuse_remote_code
+from .integrity import Check, load_model, open_checked, quiet_transformers, refuse_remote_code
 from .io.source import read_config, resolve
 from .kvcache import CONTEXTS
 from .perplexity import Score, build_stream, score_stream
@@ -135,6 +135,7 @@ def verify(
     ConversionError (exit 2) for bad arguments; a perplexity ratio above `max_ppl_ratio`
     sets `passed = False`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quiet_transformers()
     source, checks = open_checked(converted, trust_remote_code)
     root = source.root
     if reference is None and use_manifest:

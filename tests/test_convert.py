@@ -119,7 +119,7 @@ def test_config_files_card_and_manifest(tmp_path):
     assert not (out / "original").exists(), "stale weight files are not copied"
     m = json.loads((out / MANIFEST).read_text())
     assert m["conversion"]["kv_heads_after"] == 2 and m["conversion"]["method"] == "mean"
-    assert m["conversion"]["grouping"] == [[0, 1], [2, 3]]
+    assert m["conversion"]["grouping"] == {"0": [[0, 1], [2, 3]], "1": [[0, 1], [2, 3]]}
     assert m["command"] == "gqa-convert src --groups 2"
     assert set(m["source"]["files"]) == {p.name for p in src.glob("*.safetensors")}
     assert all(len(h) == 64 for h in m["output"]["files"].values())

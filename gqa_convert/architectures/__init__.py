@@ -37,8 +37,6 @@ class Family:
     roles: role -> tensor name relative to the layer's attention prefix. A name with
         "{head}" is a per-head module list (one tensor per KV head), stacked on axis 0
         for conversion and split back afterwards.
-    shared: tensors of the attention block that are not per-head (q/k norms over
-        head_dim, output bias): copied unchanged, listed so the plan can name them.
     refuse: (config key, value, reason) triples for settings this entry cannot convert.
     """
 
@@ -53,6 +51,9 @@ class Family:
     head_dim_key: str | None = "head_dim"
     layout: str = "separate q/k/v/o"
     native_gqa: bool = True
+    rope_layout: str = "half"  # rotary pairs: "half" (i, i + rot/2) or "interleaved" (2i, 2i+1)
+    default_partial_rotary: float = 1.0  # fraction of head_dim rotated when the config does not say
+    key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
     refuse: tuple[tuple[str, Any, str], ...] = field(default=())
     notes: str = ""
 
@@ -62,7 +63,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Mistral", ("mistral",), _SEPARATE_QKVO),
     Family("Mixtral", ("mixtral",), _SEPARATE_QKVO),
     Family("Qwen2", ("qwen2",), _SEPARATE_QKVO, notes="q/k/v biases pooled like the weights"),
-    Family("Qwen3", ("qwen3",), _SEPARATE_QKVO, notes="q/k norms act on head_dim and are shared"),
+    Family("Qwen3", ("qwen3",), _SEPARATE_QKVO, key_norm="always", notes="q/k norms act on head_dim and are shared"),
     Family("Gemma", ("gemma",), _SEPARATE_QKVO),
     Family("Gemma2", ("gemma2",), _SEPARATE_QKVO),
     Family("OLMo", ("olmo",), _SEPARATE_QKVO),
@@ -74,6 +75,8 @@ FAMILIES: tuple[Family, ...] = (
             "k.norm": "k_layernorm.norms.{head}.weight",
             "q.norm": "q_layernorm.norms.{head}.weight",
         },
+        default_partial_rotary=0.25,
+        key_norm="qk_layernorm",
         notes="per-head k layernorms (qk_layernorm) pooled like the K heads",
     ),
     Family("Starcoder2", ("starcoder2",), _SEPARATE_QKVO),
@@ -82,12 +85,16 @@ FAMILIES: tuple[Family, ...] = (
         "Cohere",
         ("cohere",),
         {**_SEPARATE_QKVO, "k.norm": "k_norm.weight", "q.norm": "q_norm.weight"},
+        rope_layout="interleaved",
+        key_norm="use_qk_norm",
         notes="per-head k norm (use_qk_norm) pooled like the K heads",
     ),
     Family(
         "Phi",
         ("phi",),
         {**_SEPARATE_QKVO, "o.weight": "dense.weight"},
+        default_partial_rotary=0.5,
+        key_norm="qk_layernorm",
         notes="Phi 1/1.5/2: partial rotary, biases, `dense` output",
     ),
 )
@@ -162,3 +169,15 @@ def head_shape(family: Family, config: dict[str, Any], where: str = "config.json
             "the config is inconsistent."
         )
     return HeadShape(n_layers, hidden, n_heads, n_kv, head_dim)
+
+
+def rotary_dims(family: Family, config: dict[str, Any], head_dim: int) -> int:
+    """How many dims of each head RoPE rotates (partial rotary for Phi, StableLM, ...)."""
+    factor = config.get("partial_rotary_factor")
+    if factor is None:
+        factor = (config.get("rope_parameters") or {}).get("partial_rotary_factor", family.default_partial_rotary)
+    return int(head_dim * factor) // 2 * 2
+
+
+def normalises_keys(family: Family, config: dict[str, Any]) -> bool:
+    return family.key_norm == "always" or bool(family.key_norm and config.get(family.key_norm))

@@ -25,6 +25,8 @@ EPILOG = """[bold]Examples[/]
 
   gqa-convert ./model --groups 2 --method first --json > report.json
 
+  gqa-convert ./model --groups 2 --method fold --grouping search --calib train.txt
+
 Exit codes: 0 success, 2 bad input or usage, 1 unexpected failure, 130 interrupted."""
 
 
@@ -82,6 +84,33 @@ def convert_command(
         rich_help_panel="Method",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for --method random.", rich_help_panel="Method"),
+    grouping: str = typer.Option(
+        "contiguous",
+        "--grouping",
+        help="Which KV heads share a group: contiguous (transformers' order) or search (least conversion error; heads are permuted, the function is unchanged).",
+        rich_help_panel="Method",
+    ),
+    calib: Optional[list[str]] = typer.Option(
+        None,
+        "--calib",
+        help="Calibration text for --method fold (same formats as verify; never your evaluation text). Repeat for several.",
+        rich_help_panel="Method",
+    ),
+    calib_tokens: int = typer.Option(
+        32768, "--calib-tokens", help="Tokens of --calib to run through the model.", rich_help_panel="Method"
+    ),
+    calib_separator: Optional[str] = typer.Option(
+        None,
+        "--calib-separator",
+        help="Document separator in --calib text files [default: blank lines].",
+        rich_help_panel="Method",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow calibration to run a model whose config asks for custom code.",
+        rich_help_panel="Method",
+    ),
     out: Optional[Path] = typer.Option(
         None,
         "--out",
@@ -161,6 +190,11 @@ def convert_command(
                 force=force,
                 dry_run=dry_run,
                 revision=revision,
+                grouping=grouping,
+                calib=calib,
+                calib_tokens=calib_tokens,
+                calib_separator=calib_separator,
+                trust_remote_code=trust_remote_code,
                 on_start=on_start,
                 on_bytes=on_bytes,
             )

@@ -10,6 +10,7 @@ import torch
 
 from ..architectures import KV_ROLES, HeadShape
 from ..errors import ConversionError
+from .fold import FoldProblem, Rope, rope_layout
 from .pooling import first_heads, pool_heads, random_heads
 
 
@@ -21,6 +22,15 @@ class LayerContext:
     seed: int
     init_range: float
     names: dict[str, str]  # role -> full tensor name, for seeding and messages
+    rope: Rope | None = None
+    key_norm: bool = False  # a per-head norm between k_proj and RoPE (no exact fold through it)
+    moment: torch.Tensor | None = None  # second moment of [x; 1], x the attention input; None: data-free
+
+
+def fold_problem(tensors: dict[str, torch.Tensor], ctx: LayerContext) -> FoldProblem:
+    s = ctx.shape
+    rope = ctx.rope or rope_layout(s.head_dim, s.head_dim, "half")
+    return FoldProblem(tensors, s.n_heads, s.n_kv_heads, s.head_dim, ctx.moment, rope, ctx.key_norm)
 
 
 LayerFn = Callable[[dict[str, torch.Tensor], LayerContext], dict[str, torch.Tensor]]
@@ -40,6 +50,11 @@ def _per_kv_role(fn: Callable[[str, torch.Tensor, LayerContext], torch.Tensor]) 
         return {role: fn(role, t, ctx) if role in KV_ROLES else t for role, t in tensors.items()}
 
     return convert_layer
+
+
+def _fold(tensors: dict[str, torch.Tensor], ctx: LayerContext) -> dict[str, torch.Tensor]:
+    r = ctx.shape.n_kv_heads // ctx.n_groups
+    return fold_problem(tensors, ctx).convert([list(range(g * r, (g + 1) * r)) for g in range(ctx.n_groups)])
 
 
 def _mean(role: str, t: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -64,6 +79,12 @@ METHODS: dict[str, Method] = {
         Method("mean", "mean of each group's K/V heads (the GQA paper's method)", _per_kv_role(_mean)),
         Method("first", "each group keeps its first K/V head (paper's ablation)", _per_kv_role(_first)),
         Method("random", "fresh random K/V heads, seeded (paper's ablation)", _per_kv_role(_random)),
+        Method(
+            "fold",
+            "best shared K/V projection per group, per-head corrections folded into q/o; RoPE-aware; "
+            "uses --calib statistics when given",
+            _fold,
+        ),
     )
 }
 

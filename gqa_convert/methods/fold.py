@@ -1,0 +1,218 @@
+"""The `fold` method: the best shared K/V projection per group, with each head's correction
+folded into the weights that stay per head, so the output is still a stock GQA checkpoint.
+
+Everything is an exact refactoring except one approximation per group:
+- values: V_h ~ M_h S x with one shared S per group; M_h is folded into head h's columns
+  of o_proj. S and M_h minimise the error seen through W_o^h, weighted by the second
+  moment C of the attention input: a truncated SVD of stack_h(sqrt(W_o^h' W_o^h) W_v^h L),
+  where C = L L'.
+- keys under RoPE: a per-head map survives the rotations only if it acts on each rotary
+  frequency pair as one complex number c_h. Per pair, the group's complex key rows get
+  their best rank-1 approximation (weighted by C, and by how much energy each head's queries
+  put on that pair); conj(c_h) is folded into the head's query rows.
+- keys without rotation (the non-rotary part of partial-rotary heads): a general map N_h,
+  folded into queries as N_h', weighted by the queries' second moment.
+Biases are handled by appending a constant-1 input. Families that normalise keys per head
+(q/k norms) cannot fold through the norm, so their keys fall back to mean pooling.
+All math is in float64; results are cast back to each tensor's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rope:
+    planes: tuple[tuple[int, int], ...]  # (a, b) dims of each rotary pair within a head
+    linear: tuple[int, ...]  # head dims that are not rotated
+
+
+def rope_layout(head_dim: int, rotary_dims: int, layout: str) -> Rope:
+    """`half`: pairs (i, i + rot/2), as transformers' rotate_half; `interleaved`: (2i, 2i+1)."""
+    half = rotary_dims // 2
+    if layout == "interleaved":
+        planes = tuple((2 * i, 2 * i + 1) for i in range(half))
+    else:
+        planes = tuple((i, i + half) for i in range(half))
+    return Rope(planes, tuple(range(2 * half, head_dim)))
+
+
+@dataclass
+class Whitener:
+    """C = L L' for the (bias-augmented) attention input; L_inv maps back."""
+
+    L: Tensor
+    L_inv: Tensor
+
+    @staticmethod
+    def from_moment(C: Tensor, eps: float = 1e-6) -> Whitener:
+        C = C.double()
+        e, U = torch.linalg.eigh((C + C.T) / 2)
+        e = e.clamp_min(e.max().clamp_min(1e-30) * eps)
+        return Whitener(U * e.sqrt(), (U / e.sqrt()).T)
+
+
+def psd_sqrt(P: Tensor) -> Tensor:
+    e, U = torch.linalg.eigh((P + P.T) / 2)
+    return (U * e.clamp_min(0).sqrt()) @ U.T
+
+
+def shared_subspace(
+    ALs: list[Tensor], Rs: list[Tensor], k: int, w: Whitener
+) -> tuple[Tensor, list[Tensor], float, float]:
+    """Best shared S (k x d) and per-head M_h (rows x k) minimising sum_h |R_h (A_h - M_h S) L|^2,
+    given the whitened A_h L. Returns (S, [M_h], residual, total energy)."""
+    X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
+    _, s, Vt = torch.linalg.svd(X, full_matrices=False)
+    B = Vt[:k]  # orthonormal rows: the shared subspace, whitened
+    return B @ w.L_inv, [AL @ B.T for AL in ALs], float((s[k:] ** 2).sum()), float((s**2).sum())
+
+
+def _rows(h: int, dims, hd: int) -> list[int]:
+    return [h * hd + d for d in dims]
+
+
+def _q_heads(k: int, m: int) -> range:
+    return range(k * m, (k + 1) * m)
+
+
+def values(Wv: Tensor, Wo: Tensor, groups: list[list[int]], m: int, hd: int, w: Whitener, apply: bool = True):
+    """Wv: (n_kv*hd, d) augmented; Wo: (hidden, H*hd). Returns (new Wv (G*hd, d), new Wo, residual, total)."""
+    WvL = Wv @ w.L  # (n_kv*hd, d)
+    new_v, new_o = [], Wo.clone()
+    res = tot = 0.0
+    for g in groups:
+        ALs = [WvL[k * hd : (k + 1) * hd] for k in g]
+        Rs = []
+        for k in g:
+            cols = [Wo[:, h * hd : (h + 1) * hd] for h in _q_heads(k, m)]
+            Rs.append(psd_sqrt(sum(c.T @ c for c in cols)))  # what of V_h reaches the output
+        S, Ms, r, t = shared_subspace(ALs, Rs, hd, w)
+        res, tot = res + r, tot + t
+        new_v.append(S)
+        if apply:
+            for k, M in zip(g, Ms, strict=True):
+                for h in _q_heads(k, m):
+                    new_o[:, h * hd : (h + 1) * hd] = Wo[:, h * hd : (h + 1) * hd] @ M
+    return torch.cat(new_v), new_o, res, tot
+
+
+def keys(Wk: Tensor, Wq: Tensor, groups: list[list[int]], m: int, hd: int, rope: Rope, w: Whitener, apply: bool = True):
+    """Wk: (n_kv*hd, d), Wq: (H*hd, d), both augmented. Returns (new Wk (G*hd, d), new Wq, residual, total)."""
+    WkL, WqL = Wk @ w.L, Wq @ w.L  # whitened rows
+    L_inv = w.L_inv.to(torch.complex128)
+    new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
+    new_q = Wq.clone()
+    res = tot = 0.0
+    for gi, g in enumerate(groups):
+        for a, b in rope.planes:
+            z = torch.stack([torch.complex(WkL[k * hd + a], WkL[k * hd + b]) for k in g])  # (r, d) complex rows
+            # how much each head's queries use this frequency pair
+            energy = torch.stack(
+                [
+                    sum(WqL[h * hd + a].square().sum() + WqL[h * hd + b].square().sum() for h in _q_heads(k, m))
+                    for k in g
+                ]
+            )
+            weight = energy.sqrt() + 1e-12 * energy.sqrt().max().clamp_min(1e-30)
+            U, s, Vh = torch.linalg.svd(weight[:, None].to(z.dtype) * z, full_matrices=False)
+            res, tot = res + float((s[1:] ** 2).sum()), tot + float((s**2).sum())
+            shared = Vh[0] @ L_inv  # the group's shared complex key row, original coordinates
+            new_k[gi * hd + a], new_k[gi * hd + b] = shared.real, shared.imag
+            if apply:
+                for j, k in enumerate(g):
+                    c = U[j, 0] * s[0] / weight[j]  # head k's key ~ c * shared: fold conj(c) into its queries
+                    for h in _q_heads(k, m):
+                        qa, qb = Wq[h * hd + a], Wq[h * hd + b]
+                        new_q[h * hd + a] = c.real * qa + c.imag * qb
+                        new_q[h * hd + b] = c.real * qb - c.imag * qa
+        if rope.linear:
+            lin = list(rope.linear)
+            ALs = [WkL[_rows(k, lin, hd)] for k in g]
+            Rs = [psd_sqrt(sum(WqL[_rows(h, lin, hd)] @ WqL[_rows(h, lin, hd)].T for h in _q_heads(k, m))) for k in g]
+            S, Ns, r, t = shared_subspace(ALs, Rs, len(lin), w)
+            res, tot = res + r, tot + t
+            new_k[_rows(gi, lin, hd)] = S
+            if apply:
+                for k, N in zip(g, Ns, strict=True):
+                    for h in _q_heads(k, m):
+                        new_q[_rows(h, lin, hd)] = N.T @ Wq[_rows(h, lin, hd)]
+    return new_k, new_q, res, tot
+
+
+def augment(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """[W | b] in float64, so biases ride along as the weight of a constant-1 input."""
+    b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return torch.cat([weight.double(), b.double()[:, None]], dim=1)
+
+
+class FoldProblem:
+    """One layer's attention, ready to be grouped: `cost(group)` for the grouping search,
+    `convert(groups)` for the converted tensors (by role, each in its original dtype)."""
+
+    def __init__(
+        self,
+        tensors: dict[str, Tensor],
+        n_heads: int,
+        n_kv: int,
+        hd: int,
+        moment: Tensor | None,
+        rope: Rope,
+        key_norm: bool,
+    ) -> None:
+        self.t, self.hd, self.m, self.rope, self.key_norm = tensors, hd, n_heads // n_kv, rope, key_norm
+        # Biases ride on a constant-1 input only when the checkpoint has them (else S could grow one).
+        self.biased = "k.bias" in tensors and "v.bias" in tensors
+        d = tensors["q.weight"].shape[1] + (1 if self.biased else 0)
+        C = torch.eye(d, dtype=torch.float64) if moment is None else moment.double()
+        self.w = Whitener.from_moment(C if self.biased else C[:d, :d])
+        aug = (
+            (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias")))
+            if self.biased
+            else (lambda r: tensors[f"{r}.weight"].double())
+        )
+        self.Wq, self.Wk, self.Wv = aug("q"), aug("k"), aug("v")
+        self.Wo = tensors["o.weight"].double()
+        _, _, _, self.v_total = values(self.Wv, self.Wo, [[k] for k in range(n_kv)], self.m, hd, self.w, apply=False)
+        _, _, _, self.k_total = keys(
+            self.Wk, self.Wq, [[k] for k in range(n_kv)], self.m, hd, rope, self.w, apply=False
+        )
+
+    def cost(self, group: list[int]) -> float:
+        """Relative error of sharing one K/V head in `group` (0 when the heads are equivalent)."""
+        _, _, rv, _ = values(self.Wv, self.Wo, [group], self.m, self.hd, self.w, apply=False)
+        cost = rv / max(self.v_total, 1e-30)
+        if not self.key_norm:
+            _, _, rk, _ = keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, apply=False)
+            cost += rk / max(self.k_total, 1e-30)
+        return cost
+
+    def convert(self, groups: list[list[int]]) -> dict[str, Tensor]:
+        t, out = self.t, dict(self.t)
+        new_v, new_o, _, _ = values(self.Wv, self.Wo, groups, self.m, self.hd, self.w)
+        out["v.weight"], out["o.weight"] = _split(new_v, t, "v", self.biased, out), new_o.to(t["o.weight"].dtype)
+        if self.key_norm:  # a per-head norm sits between k_proj and RoPE: no exact fold, mean-pool the keys
+            from .pooling import pool_heads
+
+            n_kv, G = len(sum(groups, [])), len(groups)
+            for role in ("k.weight", "k.bias", "k.norm"):
+                if role in t:
+                    out[role] = pool_heads(t[role], n_kv, G)
+            return out
+        new_k, new_q, _, _ = keys(self.Wk, self.Wq, groups, self.m, self.hd, self.rope, self.w)
+        out["k.weight"] = _split(new_k, t, "k", self.biased, out)
+        out["q.weight"] = _split(new_q, t, "q", self.biased and "q.bias" in t, out)
+        return out
+
+
+def _split(W: Tensor, t: dict[str, Tensor], proj: str, biased: bool, out: dict[str, Tensor]) -> Tensor:
+    """Undo `augment`: store the bias column (if any) in out[proj.bias]; return the weight."""
+    if biased:
+        out[f"{proj}.bias"] = W[:, -1].to(t[f"{proj}.bias"].dtype)
+        W = W[:, :-1]
+    return W.to(t[f"{proj}.weight"].dtype)

@@ -1,0 +1,97 @@
+"""The fold method and the grouping search: exact where they must be, better than mean
+pooling where they approximate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILY_EXTRAS, build_model, load, logits, make_checkpoint, save_model, shared_path
+
+from gqa_convert import convert
+from gqa_convert.architectures import family_for
+from gqa_convert.methods import grouping
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_EXTRAS))
+def test_fold_at_g_equals_h_reproduces_logits_and_beats_mean(tmp_path, model_type):
+    # exact at G = H: this fails if the rotary pairs (half / interleaved / partial) or the bias
+    # handling are wrong, since a complex rescaling only commutes with RoPE on its true planes
+    src, model = make_checkpoint(tmp_path, model_type)
+    want = logits(model)
+    convert(src, 4, out=tmp_path / "f4", method="fold")
+    torch.testing.assert_close(logits(load(tmp_path / "f4")), want, rtol=1e-3, atol=1e-3)
+    convert(src, 2, out=tmp_path / "f2", method="fold")
+    convert(src, 2, out=tmp_path / "m2")
+    err_fold = (logits(load(tmp_path / "f2")) - want).square().mean()
+    err_mean = (logits(load(tmp_path / "m2")) - want).square().mean()
+    assert err_fold < err_mean
+
+
+def test_fold_on_gqa_source(tmp_path):
+    src, model = make_checkpoint(tmp_path, "llama", num_attention_heads=8, hidden_size=64, n_kv=4)
+    convert(src, 4, out=tmp_path / "same", method="fold")
+    torch.testing.assert_close(logits(load(tmp_path / "same")), logits(model), rtol=1e-3, atol=1e-3)
+    convert(src, 1, out=tmp_path / "mqa", method="fold", grouping="search")
+    assert load(tmp_path / "mqa").config.num_key_value_heads == 1
+
+
+def test_head_permutation_changes_nothing(tmp_path):
+    model = build_model("qwen2", num_attention_heads=8, hidden_size=64, n_kv=4)
+    family = family_for(model.config.to_dict())
+    sd = model.state_dict()
+    order = [2, 0, 3, 1]
+    for layer in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.self_attn."
+        by_role = {role: sd[prefix + rel] for role, rel in family.roles.items() if prefix + rel in sd}
+        for role, t in grouping.permute(by_role, order, 8, 4).items():
+            sd[prefix + family.roles[role]] = t
+    permuted = build_model("qwen2", num_attention_heads=8, hidden_size=64, n_kv=4)
+    permuted.load_state_dict(sd)
+    assert not torch.equal(
+        sd["model.layers.0.self_attn.k_proj.weight"], model.state_dict()["model.layers.0.self_attn.k_proj.weight"]
+    )
+    torch.testing.assert_close(logits(permuted), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_search_finds_shuffled_identical_pairs(tmp_path):
+    """KV heads in identical pairs, in shuffled places: contiguous groups are lossy, the
+    search finds the pairs and the conversion to H/2 groups is lossless."""
+    model = build_model("llama", num_attention_heads=8, hidden_size=64)
+    pairs = [(0, 5), (1, 3), (2, 7), (4, 6)]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                w = proj.weight.view(8, 8, 64)
+                for a, b in pairs:
+                    w[b] = w[a]
+    src = save_model(model, tmp_path / "src")
+    want = logits(model)
+    convert(src, 4, out=tmp_path / "s", method="fold", grouping="search")
+    torch.testing.assert_close(logits(load(tmp_path / "s")), want, rtol=1e-3, atol=1e-3)
+    found = json.loads((tmp_path / "s" / "gqa_convert.json").read_text())["conversion"]["grouping"]
+    assert found["0"] == [list(p) for p in pairs]
+    convert(src, 4, out=tmp_path / "m", grouping="search")  # mean pooling on the found pairs is lossless too
+    torch.testing.assert_close(logits(load(tmp_path / "m")), want, rtol=1e-4, atol=1e-4)
+    convert(src, 4, out=tmp_path / "c")
+    assert (logits(load(tmp_path / "c")) - want).abs().max() > 1e-2, "contiguous groups are lossy here"
+
+
+def test_calibrated_fold_records_calibration(tmp_path):
+    mha = shared_path("models", "stories260K-mha")
+    train = shared_path("data", "tinystories-valid-train.txt")
+    convert(
+        mha,
+        2,
+        out=tmp_path / "c",
+        method="fold",
+        calib=[str(train)],
+        calib_separator="<|endoftext|>",
+        calib_tokens=2048,
+    )
+    m = json.loads((tmp_path / "c" / "gqa_convert.json").read_text())["conversion"]
+    assert m["method"] == "fold" and m["calibration"]["tokens"] == 2048
+    assert len(m["calibration"]["files"][str(train)]) == 64
+    with pytest.raises(Exception, match="--calib is used by --method fold only"):
+        convert(mha, 2, out=tmp_path / "x", calib=[str(train)])
