@@ -7,10 +7,14 @@ import sys
 import typer
 
 from .. import __version__
+from .batch_cmd import EPILOG as BATCH_EPILOG
+from .batch_cmd import batch_command
 from .convert_cmd import EPILOG as CONVERT_EPILOG
 from .convert_cmd import convert_command
 from .demo_cmd import EPILOG as DEMO_EPILOG
 from .demo_cmd import demo_command
+from .inspect_cmd import EPILOG as INSPECT_EPILOG
+from .inspect_cmd import inspect_command
 from .uptrain_cmd import EPILOG as UPTRAIN_EPILOG
 from .uptrain_cmd import uptrain_command
 from .verify_cmd import EPILOG as VERIFY_EPILOG
@@ -31,8 +35,10 @@ app = typer.Typer(
 )
 app.command("convert", epilog=CONVERT_EPILOG, no_args_is_help=True)(convert_command)
 app.command("verify", epilog=VERIFY_EPILOG, no_args_is_help=True)(verify_command)
+app.command("inspect", epilog=INSPECT_EPILOG, no_args_is_help=True)(inspect_command)
 app.command("uptrain", epilog=UPTRAIN_EPILOG, no_args_is_help=True)(uptrain_command)
 app.command("demo", epilog=DEMO_EPILOG)(demo_command)
+app.command("batch", epilog=BATCH_EPILOG, no_args_is_help=True)(batch_command)
 
 
 def _version(value: bool) -> None:

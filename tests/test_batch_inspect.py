@@ -1,0 +1,116 @@
+"""batch (good and failing jobs, re-runs, malformed files) and inspect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAMILY_EXTRAS, make_checkpoint, shared_path
+from typer.testing import CliRunner
+
+from gqa_convert import ConversionError
+from gqa_convert.batch import load_config
+from gqa_convert.cli import app
+from gqa_convert.inspector import inspect_model
+
+runner = CliRunner()
+
+
+def test_batch_mixed_jobs_summary_exit_code_and_rerun(tmp_path):
+    make_checkpoint(tmp_path, "llama", name="tiny")
+    (tmp_path / "jobs.yaml").write_text(
+        "defaults:\n  out: out/{name}-g{groups}\n"
+        "jobs:\n"
+        "  - name: good\n    model: tiny\n    groups: [2, 1]\n"
+        "  - name: missing\n    model: no-such-model-dir/x/y\n    groups: 2\n"
+        "  - name: bad-groups\n    model: tiny\n    groups: 3\n"
+    )
+    r = runner.invoke(app, ["batch", str(tmp_path / "jobs.yaml"), "--json"])
+    assert r.exit_code == 1, r.output
+    data = json.loads(r.stdout)
+    status = {(x["job"], x["groups"]): x["status"] for x in data["results"]}
+    assert status == {("good", 2): "done", ("good", 1): "done", ("missing", 2): "failed", ("bad-groups", 3): "failed"}
+    assert data["failed"] == 2
+    assert (tmp_path / "out" / "good-g2" / "config.json").is_file()
+    assert next(x for x in data["results"] if x["job"] == "good")["kv_saving"] == 0.5
+    again = json.loads(runner.invoke(app, ["batch", str(tmp_path / "jobs.yaml"), "--json"]).stdout)
+    assert [x["status"] for x in again["results"] if x["job"] == "good"] == ["skipped", "skipped"]
+
+
+def test_batch_with_verify_threshold(tmp_path):
+    src = shared_path("models", "stories260K-mha")
+    text = shared_path("data", "tinystories-valid-head64k.txt")
+    (tmp_path / "v.yaml").write_text(
+        f"jobs:\n  - name: s\n    model: {src}\n    groups: [4, 1]\n    out: o-{{groups}}\n"
+        f"    verify:\n      data: {text}\n      separator: '<|endoftext|>'\n      max_tokens: 1024\n"
+        f"      seq_len: 256\n      max_ppl_ratio: 2.0\n"
+    )
+    r = runner.invoke(app, ["batch", str(tmp_path / "v.yaml"), "--json"])
+    res = {x["groups"]: x for x in json.loads(r.stdout)["results"]}
+    assert res[4]["status"] == "done" and res[4]["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert res[1]["status"] == "failed" and "perplexity ratio" in res[1]["message"]
+    assert r.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("jobs:\n  - model: m\n    grups: 2\n", "jobs.yaml:3: job 1: unknown field 'grups' (did you mean 'groups'?)"),
+        ("jobs:\n  - model: m\n    groups: two\n", "jobs.yaml:3: job 1: field 'groups' must be int|list[int]"),
+        ("jobs:\n  - model: m\n    groups: 2\n    method: median\n", "jobs.yaml:4: job 1: unknown method 'median'"),
+        ("jobs:\n  - groups: 2\n", "jobs.yaml:2: job 1: missing field 'model'"),
+        ("jobs: [\n", "not valid YAML"),
+        ("job:\n  - model: m\n", "expected a mapping with a non-empty 'jobs' list"),
+        (
+            "jobs:\n  - model: m\n    groups: 2\n    verify:\n      dta: x\n",
+            "jobs.yaml:5: job 1 verify: unknown field 'dta'",
+        ),
+    ],
+)
+def test_malformed_config_rejected_up_front(tmp_path, text, message):
+    (tmp_path / "jobs.yaml").write_text(text)
+    with pytest.raises(ConversionError) as e:
+        load_config(tmp_path / "jobs.yaml")
+    assert message in str(e.value)
+    r = runner.invoke(app, ["batch", str(tmp_path / "jobs.yaml")])
+    assert r.exit_code == 2 and not (tmp_path / "m-mean-g2").exists()
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for config in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        assert load_config(config), config
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "phi", "mixtral"])
+def test_inspect_tiny_families(tmp_path, model_type):
+    src, model = make_checkpoint(tmp_path, model_type, num_attention_heads=4, n_kv=2)
+    r = inspect_model(str(src))
+    assert r.conversion == "native" and r.n_heads == 4 and r.n_kv_heads == 2
+    assert [o.groups for o in r.options] == [1, 2]
+    assert r.options[0].kv_saving == 0.5 and r.options[1].kv_saving == 0.0
+    assert r.params == sum(
+        p.numel()
+        for n, p in model.state_dict().items()
+        if not (n == "lm_head.weight" and model.config.tie_word_embeddings)
+    )
+    assert r.options[0].params_removed == model.config.num_hidden_layers * 2 * 8 * 32 + (
+        model.config.num_hidden_layers * 2 * 8 if model_type in ("qwen2", "phi") else 0
+    )
+
+
+def test_inspect_shared_and_unsupported(tmp_path):
+    r = inspect_model(str(shared_path("models", "stories260K-mha")))
+    assert r.n_kv_heads == 8 and [o.groups for o in r.options] == [1, 2, 4, 8]
+    assert r.options[0].kv_bytes_per_token == 2 * 5 * 1 * 8 * 4
+    res = runner.invoke(app, ["inspect", str(shared_path("models", "ts-mha-8h")), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["head_dim"] == 16
+    res = runner.invoke(app, ["inspect", str(shared_path("models", "stories260K"))])
+    assert res.exit_code == 0 and "87.5%" not in res.output and "75.0%" in res.output
+
+
+def test_family_table_covers_fixtures():
+    assert set(FAMILY_EXTRAS) <= {
+        t for f in __import__("gqa_convert.architectures", fromlist=["FAMILIES"]).FAMILIES for t in f.model_types
+    }
