@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .architectures import KV_ROLES, family_for
+from .architectures import KV_ROLES, family_for, layouts
 from .card import MANIFEST, model_card, write_manifest
 from .errors import ConversionError
 from .io.hashing import Hashes, sha256_file
@@ -62,6 +62,7 @@ class ConvertReport:
     shards: list[str] = field(default_factory=list)
     attention_changes: list[dict[str, Any]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    emulated: bool = False  # K/V heads repeated back to the source count: GPT-G quality, no memory saved
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +117,38 @@ def _report(plan: ConversionPlan, out: Path, dry_run: bool) -> ConvertReport:
         dry_run=dry_run,
         shards=shard_file_names(len(plan.shards)),
         attention_changes=_attention_changes(plan),
+        emulated=plan.emulate,
     )
+
+
+def _linear_roles(plan: ConversionPlan, by_role: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv1D weights transposed to (out, in), fused QKV split into q/k/v."""
+    s = plan.shape
+    by_role = {r: (t.T if r in plan.family.transposed else t) for r, t in by_role.items()}
+    if plan.layout_in:
+        by_role = layouts.unfuse_roles(by_role, plan.layout_in, s.n_heads, s.n_kv_heads, s.head_dim)
+    return by_role
+
+
+def _stored_roles(plan: ConversionPlan, by_role: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of _linear_roles, in the output's layout; with --emulate, pooled K/V heads are
+    first repeated back to the source's count (query head h still reads group h // (H/G))."""
+    s = plan.shape
+    n_kv = plan.n_groups
+    if plan.emulate:
+        r = s.n_kv_heads // plan.n_groups
+        by_role = {
+            role: (
+                t.reshape(plan.n_groups, -1, *t.shape[1:]).repeat_interleave(r, dim=0).reshape(-1, *t.shape[1:])
+                if role in KV_ROLES
+                else t
+            )
+            for role, t in by_role.items()
+        }
+        n_kv = s.n_kv_heads
+    if plan.layout_out:
+        by_role = layouts.fuse_roles(by_role, plan.layout_out, s.n_heads, n_kv, s.head_dim)
+    return {r: (t.T.contiguous() if r in plan.family.transposed else t) for r, t in by_role.items()}
 
 
 def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,15 +158,21 @@ def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
         parts = [tensors[n] for n in names]
         # Per-head module lists ("{head}" roles) are stacked: (n_heads, *per_head_shape).
         by_role[role] = parts[0] if len(names) == 1 and "{head}" not in plan.family.roles[role] else torch.stack(parts)
-        if role in KV_ROLES and by_role[role].is_floating_point() and not torch.isfinite(by_role[role]).all():
-            raise ConversionError(f"{names[0]}: contains NaN or Inf; the checkpoint is damaged, fetch it again.")
+    by_role = _linear_roles(plan, by_role)
+    for role, t in by_role.items():
+        if role in KV_ROLES and t.is_floating_point() and not torch.isfinite(t).all():
+            name = lp.inputs.get(role, lp.inputs.get("qkv." + role.split(".")[1], ["?"]))[0]
+            raise ConversionError(f"{name}: contains NaN or Inf; the checkpoint is damaged, fetch it again.")
     ctx = LayerContext(
         layer=lp.layer,
         shape=plan.shape,
         n_groups=plan.n_groups,
         seed=plan.seed,
         init_range=float(plan.source.config.get("initializer_range", 0.02)),
-        names={role: names[0] for role, names in lp.inputs.items()},
+        names={
+            role: lp.inputs[role][0] if role in lp.inputs else f"{lp.inputs['qkv.weight'][0]}#{role}"
+            for role in by_role
+        },
         rope=plan.rope,
         key_norm=plan.key_norm,
         moment=plan.calibration.moments[lp.layer] if plan.calibration is not None else None,
@@ -146,7 +184,7 @@ def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
         # make each group contiguous; a head permutation leaves the function unchanged
         by_role = head_grouping.permute(by_role, [h for g in groups for h in g], s.n_heads, s.n_kv_heads)
     plan.groupings[lp.layer] = groups
-    converted = plan.method.convert_layer(by_role, ctx)
+    converted = _stored_roles(plan, plan.method.convert_layer(by_role, ctx))
     out: dict[str, torch.Tensor] = {}
     for role, targets in lp.outputs.items():
         t = converted[role]
@@ -258,7 +296,7 @@ def _manifest(
             "keys": "mean pooling (per-head key norm: no exact fold)"
             if plan.key_norm and plan.method.name == "fold"
             else None,
-            "emulated": False,
+            "emulated": plan.emulate,
             "dropped_tensors": plan.dropped,
         },
         "kv_cache": report.kv_cache,
@@ -283,6 +321,7 @@ def convert(
     dry_run: bool = False,
     revision: str | None = None,
     grouping: str = "contiguous",
+    emulate: bool = False,
     calib: list[str] | None = None,
     calib_tokens: int = 32768,
     calib_separator: str | None = None,
@@ -300,7 +339,9 @@ def convert(
     """
     started = time.perf_counter()
     source = open_source(model, revision, check_config=family_for)
-    plan = build_plan(source, n_groups, method, seed=seed, max_shard_size=max_shard_size, grouping=grouping)
+    plan = build_plan(
+        source, n_groups, method, seed=seed, max_shard_size=max_shard_size, grouping=grouping, emulate=emulate
+    )
     target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
     if calib and method != "fold":
         raise ConversionError(f"--calib is used by --method fold only (not {method!r})")

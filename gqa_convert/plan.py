@@ -8,14 +8,18 @@ from typing import Any
 
 from .architectures import (
     KV_ROLES,
-    REQUIRED_ROLES,
     Family,
     HeadShape,
     family_for,
+    fused_layout,
+    gqa_native,
     head_shape,
+    key_role,
     normalises_keys,
+    required_roles,
     rotary_dims,
 )
+from .architectures.layouts import fused_rows
 from .errors import ConversionError
 from .io.safetensors_format import itemsize
 from .io.source import Source
@@ -60,6 +64,9 @@ class ConversionPlan:
     key_norm: bool = False
     calibration: Any = None  # calibrate.Calibration, when --calib was given
     groupings: dict[int, list[list[int]]] = field(default_factory=dict)  # filled in as layers convert
+    emulate: bool = False  # K/V heads pooled, then repeated back to the source's count
+    layout_in: str | None = None  # fused QKV layout of the source (None: separate projections)
+    layout_out: str | None = None
 
     @property
     def bytes_in(self) -> int:
@@ -70,8 +77,9 @@ class ConversionPlan:
         return sum(t.nbytes for t in self.order)
 
     def kv_bytes_per_token(self, n_kv: int | None = None) -> int:
-        """K and V cache bytes per token, all layers, in the checkpoint's dtype."""
-        n_kv = self.shape.n_kv_heads if n_kv is None else n_kv
+        """K and V cache bytes per token, all layers, in the checkpoint's dtype (an emulated
+        conversion still caches every head)."""
+        n_kv = self.shape.n_kv_heads if n_kv is None or self.emulate else n_kv
         return 2 * self.shape.n_layers * n_kv * self.shape.head_dim * itemsize(self.kv_dtype)
 
     def copied_names(self) -> set[str]:
@@ -81,6 +89,20 @@ class ConversionPlan:
 
 def valid_groups(n_heads: int, n_kv: int) -> list[int]:
     return [g for g in range(1, n_kv + 1) if n_heads % g == 0 and n_kv % g == 0]
+
+
+def check_support(family: Family, config: dict[str, Any], n_groups: int, shape: HeadShape, emulate: bool) -> None:
+    """Refuse, with the reason and the way out, a G this family cannot hold natively."""
+    if emulate or gqa_native(family, config) or n_groups == shape.n_kv_heads:
+        return
+    if family.mqa_flag and n_groups == 1:
+        return  # the family's own multi-query layout
+    native = "only multi-query (--groups 1)" if family.mqa_flag else "no grouped-query attention"
+    raise ConversionError(
+        f"{family.name} checkpoints support {native} in transformers, so GQA-{n_groups} cannot be written "
+        "natively. --emulate writes the same architecture with each pooled K/V head repeated back "
+        f"{shape.n_kv_heads // n_groups} times: it loads anywhere and shows GQA-{n_groups}'s quality, but saves no memory."
+    )
 
 
 def check_groups(n_groups: int, shape: HeadShape) -> None:
@@ -104,9 +126,9 @@ def check_groups(n_groups: int, shape: HeadShape) -> None:
 
 def _attn_prefix(family: Family, source: Source) -> str:
     for template in family.attn_prefixes:
-        if template.format(layer=0) + family.roles["k.weight"] in source.tensors:
+        if template.format(layer=0) + family.roles[key_role(family)] in source.tensors:
             return template
-    expected = family.attn_prefixes[0].format(layer=0) + family.roles["k.weight"]
+    expected = family.attn_prefixes[0].format(layer=0) + family.roles[key_role(family)]
     raise ConversionError(
         f"{source.root}: no tensor {expected!r}; this checkpoint's attention layout does not match "
         f"the {family.name} family (fused or renamed projections are not supported yet)."
@@ -128,15 +150,27 @@ def _layer_inputs(family: Family, template: str, layer: int, shape: HeadShape, s
         elif any(present):
             missing = names[present.index(False)]
             raise ConversionError(f"{source.root}: tensor {missing!r} is missing (other heads of it are there)")
-        elif role in REQUIRED_ROLES:
+        elif role in required_roles(family):
             raise ConversionError(f"{source.root}: tensor {names[0]!r} is missing; the checkpoint is incomplete.")
     return inputs
 
 
-def _check_shapes(inputs: dict[str, list[str]], shape: HeadShape, source: Source, kv_key: str) -> None:
+def _axis(family: Family, role: str, axis: int) -> int:
+    """The axis of a Linear-layout (out, in) tensor as stored: Conv1D stores (in, out)."""
+    return 1 - axis if role in family.transposed else axis
+
+
+def _check_shapes(
+    inputs: dict[str, list[str]], shape: HeadShape, source: Source, family: Family, layout: str | None
+) -> None:
+    kv_key = family.kv_heads_key
     q_rows, kv_rows = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     expect = {"q.weight": (0, q_rows), "q.bias": (0, q_rows), "k.weight": (0, kv_rows), "k.bias": (0, kv_rows)}
     expect |= {"v.weight": (0, kv_rows), "v.bias": (0, kv_rows), "o.weight": (1, q_rows)}
+    if layout:
+        fused = fused_rows(layout, shape.n_heads, shape.n_kv_heads, shape.head_dim)
+        expect |= {"qkv.weight": (0, fused), "qkv.bias": (0, fused)}
+    expect = {role: (_axis(family, role, axis), size) for role, (axis, size) in expect.items()}
     for role, (axis, size) in expect.items():
         if role not in inputs:
             continue
@@ -150,9 +184,23 @@ def _check_shapes(inputs: dict[str, list[str]], shape: HeadShape, source: Source
 
 
 def _role_outputs(
-    role: str, names: list[str], rel: str, prefix: str, source: Source, n_kv: int, g: int
+    role: str,
+    names: list[str],
+    rel: str,
+    prefix: str,
+    source: Source,
+    n_kv: int,
+    g: int,
+    family: Family,
+    shape: HeadShape,
+    layout_out: str | None,
 ) -> list[OutTensor]:
     infos = [source.tensors[n] for n in names]
+    if role in ("qkv.weight", "qkv.bias"):
+        info = infos[0]
+        dims = list(info.shape)
+        dims[_axis(family, role, 0)] = fused_rows(layout_out, shape.n_heads, g, shape.head_dim)
+        return [OutTensor(info.name, info.dtype, tuple(dims))]
     if role not in KV_ROLES:
         return [OutTensor(i.name, i.dtype, i.shape) for i in infos]
     if "{head}" in rel:  # one tensor per head: keep the first G names, the shape is unchanged
@@ -175,11 +223,19 @@ def build_plan(
     seed: int = 0,
     max_shard_size: int = DEFAULT_MAX_SHARD,
     grouping: str = "contiguous",
+    emulate: bool = False,
 ) -> ConversionPlan:
     """Check everything that can be checked without reading weights, and plan the output."""
     family = family_for(source.config)
     shape = head_shape(family, source.config, f"{source.root / 'config.json'}")
     check_groups(n_groups, shape)
+    check_support(family, source.config, n_groups, shape, emulate)
+    emulate = emulate and n_groups < shape.n_kv_heads
+    layout_in = fused_layout(family, source.config)
+    layout_out = layout_in
+    if layout_in and not emulate and not gqa_native(family, source.config) and n_groups == 1:
+        layout_out = "concat"  # the family's multi-query layout
+    g_out = shape.n_kv_heads if emulate else n_groups
     chosen = get_method(method)
     if grouping not in GROUPINGS:
         raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
@@ -189,14 +245,16 @@ def build_plan(
     layers: list[LayerPlan] = []
     for layer in range(shape.n_layers):
         inputs = _layer_inputs(family, template, layer, shape, source)
-        _check_shapes(inputs, shape, source, family.kv_heads_key)
+        _check_shapes(inputs, shape, source, family, layout_in)
         prefix = template.format(layer=layer)
         outputs = {
-            role: _role_outputs(role, names, family.roles[role], prefix, source, shape.n_kv_heads, n_groups)
+            role: _role_outputs(
+                role, names, family.roles[role], prefix, source, shape.n_kv_heads, g_out, family, shape, layout_out
+            )
             for role, names in inputs.items()
         }
         layers.append(LayerPlan(layer, inputs, outputs))
-    extra = template.format(layer=shape.n_layers) + family.roles["k.weight"]
+    extra = template.format(layer=shape.n_layers) + family.roles[key_role(family)]
     if extra in source.tensors:
         raise ConversionError(
             f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent."
@@ -223,8 +281,13 @@ def build_plan(
             order.append(OutTensor(name, info.dtype, info.shape))
 
     config_out = dict(source.config)
-    config_out[family.kv_heads_key] = n_groups
-    kv_dtype = source.tensors[layers[0].inputs["k.weight"][0]].dtype
+    if emulate or n_groups == shape.n_kv_heads:
+        pass  # the architecture holds exactly what it held before
+    elif gqa_native(family, source.config):
+        config_out[family.kv_heads_key] = n_groups
+    else:
+        config_out[family.mqa_flag] = True
+    kv_dtype = source.tensors[layers[0].inputs[key_role(family)][0]].dtype
     return ConversionPlan(
         source,
         family,
@@ -243,4 +306,7 @@ def build_plan(
         grouping,
         rope_layout(shape.head_dim, rotary_dims(family, source.config, shape.head_dim), family.rope_layout),
         normalises_keys(family, source.config),
+        emulate=emulate,
+        layout_in=layout_in,
+        layout_out=layout_out,
     )

@@ -75,7 +75,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, src, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "exists").mkdir()
     (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 4}))
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "mamba", "n_head": 4}))
     argv = [a.format(tmp=tmp_path, src=src) for a in args]
     r = run(*argv)
     assert r.exit_code == 2, r.output

@@ -50,8 +50,13 @@ class Family:
     hidden_key: str = "hidden_size"
     head_dim_key: str | None = "head_dim"
     layout: str = "separate q/k/v/o"
-    native_gqa: bool = True
-    rope_layout: str = "half"  # rotary pairs: "half" (i, i + rot/2) or "interleaved" (2i, 2i+1)
+    native_gqa: bool = True  # False: only --emulate (or the mqa_flag's G = 1) can convert it
+    rope_layout: str = "half"  # rotary pairs: "half" (i, i + rot/2), "interleaved" (2i, 2i+1), or "none"
+    rotary_dim_key: str | None = None  # config key giving the rotated dims directly (GPT-J)
+    fused: str | None = None  # fused QKV layout (layouts.py), or "auto": grouped / concat / per_head by config
+    transposed: tuple[str, ...] = ()  # roles stored as Conv1D (in, out) rather than Linear (out, in)
+    mqa_flag: str | None = None  # config flag of a native multi-query layout (GPT-BigCode, old Falcon)
+    gqa_flag: str | None = None  # config flag that enables native GQA (Falcon's new_decoder_architecture)
     default_partial_rotary: float = 1.0  # fraction of head_dim rotated when the config does not say
     key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
     refuse: tuple[tuple[str, Any, str], ...] = field(default=())
@@ -96,6 +101,106 @@ FAMILIES: tuple[Family, ...] = (
         default_partial_rotary=0.5,
         key_norm="qk_layernorm",
         notes="Phi 1/1.5/2: partial rotary, biases, `dense` output",
+    ),
+)
+
+_FUSED = {"qkv.weight": "query_key_value.weight", "qkv.bias": "query_key_value.bias", "o.weight": "dense.weight"}
+_GPT = {"heads_key": "n_head", "layers_key": "n_layer", "hidden_key": "n_embd", "head_dim_key": None}
+
+FAMILIES += (
+    Family(
+        "Phi-3",
+        ("phi3",),
+        {"qkv.weight": "qkv_proj.weight", "qkv.bias": "qkv_proj.bias", "o.weight": "o_proj.weight"},
+        fused="concat",
+        layout="fused qkv_proj [Q|K|V]",
+    ),
+    Family(
+        "Falcon",
+        ("falcon",),
+        _FUSED,
+        attn_prefixes=("transformer.h.{layer}.self_attention.",),
+        kv_heads_key="num_kv_heads",
+        head_dim_key=None,
+        fused="auto",
+        native_gqa=False,
+        gqa_flag="new_decoder_architecture",
+        mqa_flag="multi_query",
+        layout="fused query_key_value: grouped (new_decoder_architecture), [Q|K|V] (multi_query) or per head",
+    ),
+    Family(
+        "GPT-BigCode",
+        ("gpt_bigcode",),
+        {"qkv.weight": "c_attn.weight", "qkv.bias": "c_attn.bias", "o.weight": "c_proj.weight"},
+        attn_prefixes=("transformer.h.{layer}.attn.",),
+        **_GPT,
+        kv_heads_key="n_kv_heads",
+        fused="auto",
+        native_gqa=False,
+        mqa_flag="multi_query",
+        rope_layout="none",
+        layout="fused c_attn, per head (MHA) or [Q|K|V] (multi_query)",
+    ),
+    Family(
+        "GPT-2",
+        ("gpt2",),
+        {"qkv.weight": "c_attn.weight", "qkv.bias": "c_attn.bias", "o.weight": "c_proj.weight"},
+        attn_prefixes=("transformer.h.{layer}.attn.", "h.{layer}.attn."),
+        **_GPT,
+        kv_heads_key="n_kv_heads",
+        fused="concat",
+        transposed=("qkv.weight", "o.weight"),
+        native_gqa=False,
+        rope_layout="none",
+        layout="Conv1D c_attn [Q|K|V], transposed",
+    ),
+    Family(
+        "GPT-NeoX",
+        ("gpt_neox",),
+        _FUSED,
+        attn_prefixes=("gpt_neox.layers.{layer}.attention.",),
+        kv_heads_key="num_key_value_heads",
+        fused="per_head",
+        native_gqa=False,
+        default_partial_rotary=0.25,
+        layout="fused query_key_value, per head",
+    ),
+    Family(
+        "OPT",
+        ("opt",),
+        {**_SEPARATE_QKVO, "o.weight": "out_proj.weight"},
+        attn_prefixes=("model.decoder.layers.{layer}.self_attn.",),
+        kv_heads_key="num_key_value_heads",
+        head_dim_key=None,
+        native_gqa=False,
+        rope_layout="none",
+        layout="separate q/k/v, out_proj",
+    ),
+    Family(
+        "GPT-J",
+        ("gptj",),
+        {**_SEPARATE_QKVO, "o.weight": "out_proj.weight"},
+        attn_prefixes=("transformer.h.{layer}.attn.",),
+        **_GPT,
+        kv_heads_key="n_kv_heads",
+        native_gqa=False,
+        rope_layout="interleaved",
+        rotary_dim_key="rotary_dim",
+        layout="separate q/k/v, out_proj, partial interleaved rotary",
+    ),
+    Family(
+        "BLOOM",
+        ("bloom",),
+        _FUSED,
+        attn_prefixes=("transformer.h.{layer}.self_attention.", "h.{layer}.self_attention."),
+        heads_key="n_head",
+        layers_key="n_layer",
+        kv_heads_key="n_kv_heads",
+        head_dim_key=None,
+        fused="per_head",
+        native_gqa=False,
+        rope_layout="none",
+        layout="fused query_key_value, per head (ALiBi)",
     ),
 )
 
@@ -151,8 +256,9 @@ def head_shape(family: Family, config: dict[str, Any], where: str = "config.json
     n_heads = _positive_int(config, family.heads_key, where)
     hidden = _positive_int(config, family.hidden_key, where)
     n_layers = _positive_int(config, family.layers_key, where)
-    # Old Llama configs predate GQA and omit the KV head count: then it is MHA.
-    if config.get(family.kv_heads_key) is None:
+    if not gqa_native(family, config):  # MHA, or a multi-query layout flag
+        n_kv = 1 if family.mqa_flag and config.get(family.mqa_flag) else n_heads
+    elif config.get(family.kv_heads_key) is None:  # old Llama configs predate GQA: MHA
         n_kv = n_heads
     else:
         n_kv = _positive_int(config, family.kv_heads_key, where)
@@ -173,6 +279,10 @@ def head_shape(family: Family, config: dict[str, Any], where: str = "config.json
 
 def rotary_dims(family: Family, config: dict[str, Any], head_dim: int) -> int:
     """How many dims of each head RoPE rotates (partial rotary for Phi, StableLM, ...)."""
+    if family.rope_layout == "none":
+        return 0
+    if family.rotary_dim_key and config.get(family.rotary_dim_key):
+        return int(config[family.rotary_dim_key])
     factor = config.get("partial_rotary_factor")
     if factor is None:
         factor = (config.get("rope_parameters") or {}).get("partial_rotary_factor", family.default_partial_rotary)
@@ -181,3 +291,24 @@ def rotary_dims(family: Family, config: dict[str, Any], head_dim: int) -> int:
 
 def normalises_keys(family: Family, config: dict[str, Any]) -> bool:
     return family.key_norm == "always" or bool(family.key_norm and config.get(family.key_norm))
+
+
+def gqa_native(family: Family, config: dict[str, Any]) -> bool:
+    return family.native_gqa or bool(family.gqa_flag and config.get(family.gqa_flag))
+
+
+def fused_layout(family: Family, config: dict[str, Any]) -> str | None:
+    """The fused QKV layout of this checkpoint (None for separate projections)."""
+    if family.fused != "auto":
+        return family.fused
+    if gqa_native(family, config):
+        return "grouped"
+    return "concat" if family.mqa_flag and config.get(family.mqa_flag) else "per_head"
+
+
+def key_role(family: Family) -> str:
+    return "qkv.weight" if family.fused else "k.weight"
+
+
+def required_roles(family: Family) -> tuple[str, ...]:
+    return ("qkv.weight", "o.weight") if family.fused else REQUIRED_ROLES

@@ -39,6 +39,12 @@ def _summary(r: ConvertReport) -> Table:
     t.add_row("output", r.output)
     t.add_row("family", f"{r.family}, {r.n_layers} layers, head_dim {r.head_dim}")
     t.add_row("heads", f"{r.n_heads} query; KV {r.kv_heads_before} -> {r.kv_heads_after} ({r.method})")
+    if r.emulated:
+        t.add_row(
+            "[bold yellow]emulated[/]",
+            f"each pooled K/V head repeated back to {r.kv_heads_before}: "
+            "GQA quality, same architecture, no memory saved",
+        )
     t.add_row(
         "KV cache / token",
         f"{human_bytes(kv['bytes_per_token_before'])} -> {human_bytes(kv['bytes_per_token_after'])} "
@@ -84,6 +90,12 @@ def convert_command(
         rich_help_panel="Method",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for --method random.", rich_help_panel="Method"),
+    emulate: bool = typer.Option(
+        False,
+        "--emulate",
+        help="For families without native GQA (GPT-2, GPT-NeoX, OPT, GPT-J, BLOOM, ...): write the same architecture with each pooled K/V head repeated back to H. Shows GQA-G quality; saves no memory.",
+        rich_help_panel="Method",
+    ),
     grouping: str = typer.Option(
         "contiguous",
         "--grouping",
@@ -191,6 +203,7 @@ def convert_command(
                 dry_run=dry_run,
                 revision=revision,
                 grouping=grouping,
+                emulate=emulate,
                 calib=calib,
                 calib_tokens=calib_tokens,
                 calib_separator=calib_separator,

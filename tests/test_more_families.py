@@ -1,0 +1,213 @@
+"""Fused-QKV, MQA-only and emulated families: each fused layout's split and re-fuse, and
+for every family G = H exact and G < H equal to the source with K/V heads pooled in place
+(the reference locates each head's rows with its own index arithmetic)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import load, logits, save_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gqa_convert import ConversionError, convert
+from gqa_convert.architectures import layouts
+
+TINY = dict(vocab_size=64, bos_token_id=1, eos_token_id=2)
+# model_type -> (config kwargs, how q/k/v rows are laid out, emulation needed for G < H)
+CASES = {
+    "phi3": (
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        "concat",
+        False,
+    ),
+    "falcon-new": (
+        dict(
+            model_type="falcon",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=4,
+            new_decoder_architecture=True,
+            bias=True,
+        ),
+        "grouped",
+        False,
+    ),
+    "falcon-old": (
+        dict(
+            model_type="falcon",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=False,
+            bias=True,
+        ),
+        "per_head",
+        "mqa",
+    ),
+    "gpt_bigcode": (dict(n_embd=32, n_layer=2, n_head=4, multi_query=False, n_positions=64), "per_head", "mqa"),
+    "gpt2": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "concat-t", True),
+    "gpt_neox": (
+        dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+        ),
+        "per_head",
+        True,
+    ),
+    "opt": (
+        dict(
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            pad_token_id=0,
+        ),
+        "separate",
+        True,
+    ),
+    "gptj": (dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64), "separate", True),
+    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4), "per_head", True),
+}
+H, HD = 4, 8
+
+
+def build(case: str):
+    kw, _, _ = CASES[case]
+    kw = dict(kw)
+    model_type = kw.pop("model_type", case)
+    cfg = AutoConfig.for_model(model_type, **TINY, **kw, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def kv_rows(layout: str, kind: str, h: int) -> list[int]:
+    """Row indices of head h's K or V in the fused (Linear) tensor, written out plainly."""
+    off = {"k": 1, "v": 2}[kind]
+    if layout.startswith("concat"):
+        return [H * HD + (off - 1) * H * HD + h * HD + i for i in range(HD)]
+    if layout == "per_head":
+        return [h * 3 * HD + off * HD + i for i in range(HD)]
+    if layout == "grouped":  # one query per KV group here (MHA): [q, k, v] per group
+        return [h * 3 * HD + off * HD + i for i in range(HD)]
+    raise AssertionError(layout)
+
+
+def pooled_reference(model, case: str, g: int):
+    """The source with each K/V head replaced in place by its group's mean."""
+    _, layout, _ = CASES[case]
+    ref = copy.deepcopy(model)
+    sd = ref.state_dict()
+    r = H // g
+    for name in list(sd):
+        w = sd[name]
+        if layout == "separate":
+            if not any(x in name for x in (".k_proj.", ".v_proj.")):
+                continue
+            heads = w.reshape(H, HD, *w.shape[1:])
+            pooled = heads.reshape(g, r, HD, *w.shape[1:]).mean(1, keepdim=True).expand(g, r, HD, *w.shape[1:])
+            sd[name] = pooled.reshape(w.shape).clone()
+            continue
+        if not any(x in name for x in ("qkv_proj", "query_key_value", "c_attn")):
+            continue
+        t = w.T if layout == "concat-t" and w.dim() == 2 else w
+        t = t.clone()
+        for kind in ("k", "v"):
+            for grp in range(g):
+                members = [kv_rows(layout, kind, h) for h in range(grp * r, (grp + 1) * r)]
+                mean = sum(t[rows] for rows in members) / r
+                for rows in members:
+                    t[rows] = mean
+        sd[name] = t.T.contiguous() if layout == "concat-t" and w.dim() == 2 else t
+    ref.load_state_dict(sd)
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_family(tmp_path, case):
+    _, layout, emulated = CASES[case]
+    model = build(case)
+    src = save_model(model, tmp_path / "src")
+    want = logits(model)
+    convert(src, H, out=tmp_path / "same")
+    assert torch.equal(logits(load(tmp_path / "same")), want), "G = H is exact"
+    for g in (2, 1):
+        native = emulated is False or (emulated == "mqa" and g == 1)
+        if not native:
+            with pytest.raises(ConversionError, match="--emulate"):
+                convert(src, g, out=tmp_path / f"x{g}")
+        report = convert(src, g, out=tmp_path / f"g{g}", emulate=not native)
+        assert report.emulated is (not native)
+        out = load(tmp_path / f"g{g}")
+        if native:
+            cfg = out.config.to_dict()
+            n_kv = (
+                1
+                if cfg.get("multi_query") and not cfg.get("new_decoder_architecture")
+                else cfg.get("num_kv_heads", cfg.get("num_key_value_heads"))
+            )
+            assert n_kv == g and report.kv_cache["saving"] == 1 - g / H
+        else:
+            assert report.kv_cache["saving"] == 0.0, "emulation saves no memory and says so"
+        torch.testing.assert_close(logits(out), logits(pooled_reference(model, case, g)), rtol=1e-4, atol=1e-4)
+    card = (tmp_path / "g2" / "README.md").read_text()
+    assert ("Emulated" in card) is (emulated is not False)
+
+
+@pytest.mark.parametrize(
+    "layout, n_kv", [("concat", 4), ("concat", 2), ("per_head", 4), ("grouped", 4), ("grouped", 2)]
+)
+def test_fused_split_and_refuse(layout, n_kv):
+    rows = (H + 2 * n_kv) * HD if layout != "per_head" else 3 * H * HD
+    w = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+    q, k, v = layouts.split(w, layout, H, n_kv, HD)
+    assert q.shape == (H * HD, 3) and k.shape == v.shape == (n_kv * HD, 3)
+    assert torch.equal(layouts.fuse(q, k, v, layout, H, n_kv, HD), w)
+    # where head 1's key really lives, by hand
+    m = H // n_kv
+    first_k_row = {"concat": H * HD + HD, "per_head": 3 * HD + HD, "grouped": (m + 2) * HD + m * HD}[layout]
+    assert torch.equal(k[HD : 2 * HD], w[first_k_row : first_k_row + HD])
+    bias = torch.arange(rows, dtype=torch.float32)
+    assert torch.equal(layouts.fuse(*layouts.split(bias, layout, H, n_kv, HD), layout, H, n_kv, HD), bias)
+
+
+def test_mqa_only_family_refuses_other_groups(tmp_path):
+    src = save_model(build("gpt_bigcode"), tmp_path / "src")
+    with pytest.raises(ConversionError, match="support only multi-query"):
+        convert(src, 2, out=tmp_path / "o")
+    report = convert(src, 1, out=tmp_path / "mqa")
+    assert load(tmp_path / "mqa").config.multi_query is True and not report.emulated
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fold_on_fused_and_emulated_families(tmp_path, case):
+    """fold at G = H reproduces the source (checks each family's rotary layout, or none),
+    and at G = 2 it is closer to the source than mean pooling."""
+    _, _, emulated = CASES[case]
+    model = build(case)
+    src = save_model(model, tmp_path / "src")
+    want = logits(model)
+    convert(src, H, out=tmp_path / "same", method="fold")
+    torch.testing.assert_close(logits(load(tmp_path / "same")), want, rtol=1e-3, atol=1e-3)
+    emulate = emulated is not False
+    convert(src, 2, out=tmp_path / "fold", method="fold", emulate=emulate)
+    convert(src, 2, out=tmp_path / "mean", emulate=emulate)
+    err = {m: (logits(load(tmp_path / m)) - want).square().mean() for m in ("fold", "mean")}
+    assert err["fold"] < err["mean"]
