@@ -258,23 +258,23 @@ def test_read_only_parent(tmp_path):
 
 
 def _big_checkpoint(tmp_path: Path) -> Path:
-    """Large enough (~130 MB) that a conversion lasts long enough to interrupt."""
-    model = build_model(
-        "llama", vocab_size=16000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8
-    )
-    return save_model(model, tmp_path / "big src", max_shard_size="30MB")
+    """A checkpoint with many tensors (and a space in its name)."""
+    model = build_model("llama", num_hidden_layers=6)
+    return save_model(model, tmp_path / "big src", max_shard_size="20KB")
 
 
-def _run(args: list[str], **kw) -> subprocess.Popen:
+# A conversion slowed down to ~100 ms per tensor, so a test can reliably act while it runs.
+SLOW = (
+    "import sys, time; import gqa_convert.io.writer as w; real = w.ShardWriter.write; "
+    "w.ShardWriter.write = lambda self, *a: (time.sleep(0.1), real(self, *a))[1]; "
+    "from gqa_convert.cli import main; sys.argv = ['gqa-convert'] + sys.argv[1:]; main()"
+)
+
+
+def _run(args: list[str], slow: bool = True, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "gqa_convert", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kw,
-    )
+    cmd = [sys.executable, "-c", SLOW, *args] if slow else [sys.executable, "-m", "gqa_convert", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
 def _wait_for_tmp(parent: Path, name: str, proc: subprocess.Popen, timeout: float = 60) -> Path:
@@ -294,7 +294,7 @@ def test_interrupt_mid_conversion(tmp_path, sig):
     src = _big_checkpoint(tmp_path)
     before = tree_hash(src)
     target = tmp_path / "out"
-    proc = _run([str(src), "-g", "2", "--out", str(target), "--max-shard-size", "10MB"])
+    proc = _run([str(src), "-g", "2", "--out", str(target)])
     _wait_for_tmp(tmp_path, "out", proc)
     proc.send_signal(sig)
     start = time.time()
@@ -308,12 +308,12 @@ def test_interrupt_mid_conversion(tmp_path, sig):
 def test_sigkill_then_next_run_cleans_up(tmp_path):
     src = _big_checkpoint(tmp_path)
     target = tmp_path / "out"
-    proc = _run([str(src), "-g", "2", "--out", str(target), "--max-shard-size", "10MB"])
+    proc = _run([str(src), "-g", "2", "--out", str(target)])
     stale = _wait_for_tmp(tmp_path, "out", proc)
     proc.kill()
     proc.wait()
     assert not target.exists() and stale.exists()
-    again = _run([str(src), "-g", "2", "--out", str(target), "--json", "-q"])
+    again = _run([str(src), "-g", "2", "--out", str(target), "--json", "-q"], slow=False)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert json.loads(out)["removed_stale"] == [str(stale)]
@@ -323,12 +323,13 @@ def test_sigkill_then_next_run_cleans_up(tmp_path):
 def test_two_conversions_to_one_target(tmp_path):
     src = _big_checkpoint(tmp_path)
     target = tmp_path / "out"
-    procs = [_run([str(src), "-g", "2", "--out", str(target), "--max-shard-size", "10MB"]) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 2], results
-    loser = next(err for code, err in results if code == 2)
-    assert "another gqa-convert is writing" in loser or "already exists" in loser
+    first = _run([str(src), "-g", "2", "--out", str(target)])
+    _wait_for_tmp(tmp_path, "out", first)
+    second = _run([str(src), "-g", "2", "--out", str(target)], slow=False)
+    _, err2 = second.communicate(timeout=120)
+    _, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2 and "another gqa-convert is writing" in err2
     assert load(target).config.num_key_value_heads == 2
 
 
