@@ -148,7 +148,7 @@ def _stored_roles(plan: ConversionPlan, by_role: dict[str, torch.Tensor]) -> dic
         n_kv = s.n_kv_heads
     if plan.layout_out:
         by_role = layouts.fuse_roles(by_role, plan.layout_out, s.n_heads, n_kv, s.head_dim)
-    return {r: (t.T.contiguous() if r in plan.family.transposed else t) for r, t in by_role.items()}
+    return {r: (t.T.contiguous() if r in plan.transposed_out else t) for r, t in by_role.items()}
 
 
 def convert_layer(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -223,6 +223,10 @@ def _write_weights(plan: ConversionPlan, tmp: Path, on_bytes: Callable[[int], No
             if name in plan.dropped:
                 for _ in read_bytes(name):  # still read, so the source file's hash covers it
                     pass
+            elif lp is None and name in plan.transpose_copies:  # Conv1D -> Linear for a sibling architecture
+                info = source.tensors[name]
+                t = tensor_from_bytes(b"".join(read_bytes(name)), info.dtype, info.shape)
+                writer.write(name, [tensor_bytes(t.T.contiguous())])
             elif lp is None:
                 writer.write(name, read_bytes(name))  # untouched: bytes go straight through
             else:
@@ -322,6 +326,7 @@ def convert(
     revision: str | None = None,
     grouping: str = "contiguous",
     emulate: bool = False,
+    sibling: bool = False,
     calib: list[str] | None = None,
     calib_tokens: int = 32768,
     calib_separator: str | None = None,
@@ -340,7 +345,14 @@ def convert(
     started = time.perf_counter()
     source = open_source(model, revision, check_config=family_for)
     plan = build_plan(
-        source, n_groups, method, seed=seed, max_shard_size=max_shard_size, grouping=grouping, emulate=emulate
+        source,
+        n_groups,
+        method,
+        seed=seed,
+        max_shard_size=max_shard_size,
+        grouping=grouping,
+        emulate=emulate,
+        sibling=sibling,
     )
     target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
     if calib and method != "fold":

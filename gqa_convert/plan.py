@@ -67,6 +67,8 @@ class ConversionPlan:
     emulate: bool = False  # K/V heads pooled, then repeated back to the source's count
     layout_in: str | None = None  # fused QKV layout of the source (None: separate projections)
     layout_out: str | None = None
+    transposed_out: tuple[str, ...] = ()  # roles written as Conv1D (in, out)
+    transpose_copies: set[str] = field(default_factory=set)  # non-attention tensors written transposed
 
     @property
     def bytes_in(self) -> int:
@@ -82,10 +84,6 @@ class ConversionPlan:
         n_kv = self.shape.n_kv_heads if n_kv is None or self.emulate else n_kv
         return 2 * self.shape.n_layers * n_kv * self.shape.head_dim * itemsize(self.kv_dtype)
 
-    def copied_names(self) -> set[str]:
-        in_layers = {n for lp in self.layers for n in lp.input_names}
-        return {n for n in self.source.tensors if n not in in_layers and n not in self.dropped}
-
 
 def valid_groups(n_heads: int, n_kv: int) -> list[int]:
     return [g for g in range(1, n_kv + 1) if n_heads % g == 0 and n_kv % g == 0]
@@ -98,11 +96,26 @@ def check_support(family: Family, config: dict[str, Any], n_groups: int, shape: 
     if family.mqa_flag and n_groups == 1:
         return  # the family's own multi-query layout
     native = "only multi-query (--groups 1)" if family.mqa_flag else "no grouped-query attention"
+    if family.sibling and n_groups == 1:
+        native += f"; --sibling writes a real MQA {family.sibling['name']} checkpoint instead"
     raise ConversionError(
         f"{family.name} checkpoints support {native} in transformers, so GQA-{n_groups} cannot be written "
         "natively. --emulate writes the same architecture with each pooled K/V head repeated back "
         f"{shape.n_kv_heads // n_groups} times: it loads anywhere and shows GQA-{n_groups}'s quality, but saves no memory."
     )
+
+
+def _check_sibling(family: Family, config: dict[str, Any], n_groups: int, emulate: bool) -> None:
+    sib = family.sibling
+    if sib is None:
+        raise ConversionError(f"--sibling: {family.name} has no native-MQA sibling architecture")
+    if n_groups != 1 or emulate:
+        raise ConversionError(
+            f"--sibling writes {sib['name']} with multi-query attention: use it with --groups 1, without --emulate"
+        )
+    for key in sib["refuse_if_set"]:
+        if config.get(key):
+            raise ConversionError(f"--sibling: this {family.name} sets {key}, which {sib['name']} does not implement")
 
 
 def check_groups(n_groups: int, shape: HeadShape) -> None:
@@ -194,15 +207,17 @@ def _role_outputs(
     family: Family,
     shape: HeadShape,
     layout_out: str | None,
+    transposed_out: tuple[str, ...],
 ) -> list[OutTensor]:
     infos = [source.tensors[n] for n in names]
+    flip = (role in family.transposed) != (role in transposed_out)  # Conv1D in, Linear out
     if role in ("qkv.weight", "qkv.bias"):
         info = infos[0]
-        dims = list(info.shape)
-        dims[_axis(family, role, 0)] = fused_rows(layout_out, shape.n_heads, g, shape.head_dim)
+        dims = list(info.shape[::-1] if flip else info.shape)
+        dims[1 if role in transposed_out else 0] = fused_rows(layout_out, shape.n_heads, g, shape.head_dim)
         return [OutTensor(info.name, info.dtype, tuple(dims))]
     if role not in KV_ROLES:
-        return [OutTensor(i.name, i.dtype, i.shape) for i in infos]
+        return [OutTensor(i.name, i.dtype, i.shape[::-1] if flip else i.shape) for i in infos]
     if "{head}" in rel:  # one tensor per head: keep the first G names, the shape is unchanged
         return [OutTensor(prefix + rel.format(head=h), infos[0].dtype, infos[0].shape) for h in range(g)]
     info = infos[0]
@@ -224,17 +239,24 @@ def build_plan(
     max_shard_size: int = DEFAULT_MAX_SHARD,
     grouping: str = "contiguous",
     emulate: bool = False,
+    sibling: bool = False,
 ) -> ConversionPlan:
     """Check everything that can be checked without reading weights, and plan the output."""
     family = family_for(source.config)
     shape = head_shape(family, source.config, f"{source.root / 'config.json'}")
     check_groups(n_groups, shape)
-    check_support(family, source.config, n_groups, shape, emulate)
+    if sibling:
+        _check_sibling(family, source.config, n_groups, emulate)
+    else:
+        check_support(family, source.config, n_groups, shape, emulate)
     emulate = emulate and n_groups < shape.n_kv_heads
     layout_in = fused_layout(family, source.config)
     layout_out = layout_in
     if layout_in and not emulate and not gqa_native(family, source.config) and n_groups == 1:
         layout_out = "concat"  # the family's multi-query layout
+    transposed_out = family.transposed
+    if sibling:
+        layout_out, transposed_out = "concat", ()
     g_out = shape.n_kv_heads if emulate else n_groups
     chosen = get_method(method)
     if grouping not in GROUPINGS:
@@ -249,7 +271,17 @@ def build_plan(
         prefix = template.format(layer=layer)
         outputs = {
             role: _role_outputs(
-                role, names, family.roles[role], prefix, source, shape.n_kv_heads, g_out, family, shape, layout_out
+                role,
+                names,
+                family.roles[role],
+                prefix,
+                source,
+                shape.n_kv_heads,
+                g_out,
+                family,
+                shape,
+                layout_out,
+                transposed_out,
             )
             for role, names in inputs.items()
         }
@@ -263,6 +295,10 @@ def build_plan(
     dropped = []
     if source.config.get("tie_word_embeddings") is True and "lm_head.weight" in source.tensors:
         dropped.append("lm_head.weight")  # tied: transformers re-ties it on load
+    transpose_copies: set[str] = set()
+    if sibling:
+        dropped += [n for n in source.tensors if n.endswith(tuple(family.sibling["drop_suffixes"]))]
+        transpose_copies = {n for n in source.tensors if n.endswith(tuple(family.sibling["transpose_suffixes"]))}
     member_of = {n: lp.layer for lp in layers for n in lp.input_names}
     remaining = {lp.layer: len(lp.input_names) for lp in layers}
     order: list[OutTensor] = []
@@ -278,11 +314,14 @@ def build_plan(
                 order.extend(t for ts in layers[layer].outputs.values() for t in ts)
         else:
             info = source.tensors[name]
-            order.append(OutTensor(name, info.dtype, info.shape))
+            order.append(OutTensor(name, info.dtype, info.shape[::-1] if name in transpose_copies else info.shape))
 
     config_out = dict(source.config)
     if emulate or n_groups == shape.n_kv_heads:
         pass  # the architecture holds exactly what it held before
+    elif sibling:
+        sib = family.sibling
+        config_out |= {"model_type": sib["model_type"], "architectures": sib["architectures"], **sib["config"]}
     elif gqa_native(family, source.config):
         config_out[family.kv_heads_key] = n_groups
     else:
@@ -309,4 +348,6 @@ def build_plan(
         emulate=emulate,
         layout_in=layout_in,
         layout_out=layout_out,
+        transposed_out=transposed_out,
+        transpose_copies=transpose_copies,
     )

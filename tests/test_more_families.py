@@ -211,3 +211,20 @@ def test_fold_on_fused_and_emulated_families(tmp_path, case):
     convert(src, 2, out=tmp_path / "mean", emulate=emulate)
     err = {m: (logits(load(tmp_path / m)) - want).square().mean() for m in ("fold", "mean")}
     assert err["fold"] < err["mean"]
+
+
+def test_gpt2_to_gpt_bigcode_real_mqa(tmp_path):
+    """GPT-2 has no GQA, but its sibling GPT-BigCode has multi-query attention with the same
+    weights (as Linear layers): --sibling writes a real MQA checkpoint."""
+    model = build("gpt2")
+    src = save_model(model, tmp_path / "src")
+    with pytest.raises(ConversionError, match="--sibling"):
+        convert(src, 1, out=tmp_path / "x")
+    with pytest.raises(ConversionError, match="--groups 1"):
+        convert(src, 2, out=tmp_path / "x", sibling=True)
+    report = convert(src, 1, out=tmp_path / "mqa", sibling=True)
+    out = load(tmp_path / "mqa")
+    assert type(out).__name__ == "GPTBigCodeForCausalLM" and out.config.multi_query is True
+    assert out.transformer.h[0].attn.c_attn.weight.shape == ((H + 2) * HD, 32)
+    assert report.kv_cache["saving"] == 1 - 1 / H and not report.emulated
+    torch.testing.assert_close(logits(out), logits(pooled_reference(model, "gpt2", 1)), rtol=1e-4, atol=1e-4)

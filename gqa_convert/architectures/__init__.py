@@ -57,6 +57,7 @@ class Family:
     transposed: tuple[str, ...] = ()  # roles stored as Conv1D (in, out) rather than Linear (out, in)
     mqa_flag: str | None = None  # config flag of a native multi-query layout (GPT-BigCode, old Falcon)
     gqa_flag: str | None = None  # config flag that enables native GQA (Falcon's new_decoder_architecture)
+    sibling: dict[str, Any] | None = None  # a native-MQA sibling architecture (see GPT-2), for --sibling
     default_partial_rotary: float = 1.0  # fraction of head_dim rotated when the config does not say
     key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
     refuse: tuple[tuple[str, Any, str], ...] = field(default=())
@@ -153,6 +154,16 @@ FAMILIES += (
         native_gqa=False,
         rope_layout="none",
         layout="Conv1D c_attn [Q|K|V], transposed",
+        # GPT-BigCode is GPT-2 with Linear layers and an optional multi-query c_attn: a real MQA target.
+        sibling={
+            "name": "GPT-BigCode",
+            "model_type": "gpt_bigcode",
+            "architectures": ["GPTBigCodeForCausalLM"],
+            "config": {"multi_query": True},
+            "refuse_if_set": ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"],
+            "drop_suffixes": [".attn.bias", ".attn.masked_bias"],  # old causal-mask buffers
+            "transpose_suffixes": [".mlp.c_fc.weight", ".mlp.c_proj.weight"],  # Conv1D -> Linear
+        },
     ),
     Family(
         "GPT-NeoX",

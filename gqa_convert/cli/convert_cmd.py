@@ -96,6 +96,12 @@ def convert_command(
         help="For families without native GQA (GPT-2, GPT-NeoX, OPT, GPT-J, BLOOM, ...): write the same architecture with each pooled K/V head repeated back to H. Shows GQA-G quality; saves no memory.",
         rich_help_panel="Method",
     ),
+    sibling: bool = typer.Option(
+        False,
+        "--sibling",
+        help="With --groups 1: write the family's native-MQA sibling architecture (GPT-2 -> GPT-BigCode with multi_query), a real MQA checkpoint.",
+        rich_help_panel="Method",
+    ),
     grouping: str = typer.Option(
         "contiguous",
         "--grouping",
@@ -204,6 +210,7 @@ def convert_command(
                 revision=revision,
                 grouping=grouping,
                 emulate=emulate,
+                sibling=sibling,
                 calib=calib,
                 calib_tokens=calib_tokens,
                 calib_separator=calib_separator,
