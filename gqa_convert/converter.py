@@ -357,6 +357,8 @@ def convert(
     target = Path(out) if out is not None else default_output(str(model), source.root, n_groups)
     if calib and method != "fold":
         raise ConversionError(f"--calib is used by --method fold only (not {method!r})")
+    if calib and plan.family.auto_class != "AutoModelForCausalLM":
+        raise ConversionError(f"--calib is not supported for {plan.family.name} (not a causal LM)")
     if calib and not dry_run:
         OutputDir(target, source.root, force).check()  # refuse a bad --out before calibrating
         from .calibrate import collect

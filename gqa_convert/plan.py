@@ -138,7 +138,7 @@ def check_groups(n_groups: int, shape: HeadShape) -> None:
 
 
 def _attn_prefix(family: Family, source: Source) -> str:
-    for template in family.attn_prefixes:
+    for template in family.blocks or family.attn_prefixes:
         if template.format(layer=0) + family.roles[key_role(family)] in source.tensors:
             return template
     expected = family.attn_prefixes[0].format(layer=0) + family.roles[key_role(family)]
@@ -264,11 +264,15 @@ def build_plan(
     if max_shard_size < 1:
         raise ConversionError("--max-shard-size must be positive")
     template = _attn_prefix(family, source)
+    # Most families have one attention block per layer; T5's decoder has two (self, cross).
+    blocks = [(layer, t) for layer in range(shape.n_layers) for t in (family.blocks or (template,))]
+    if family.blocks and grouping != "contiguous":
+        raise ConversionError(f"--grouping {grouping} is not supported for {family.name} (per-head position biases)")
     layers: list[LayerPlan] = []
-    for layer in range(shape.n_layers):
-        inputs = _layer_inputs(family, template, layer, shape, source)
+    for layer, block in blocks:
+        inputs = _layer_inputs(family, block, layer, shape, source)
         _check_shapes(inputs, shape, source, family, layout_in)
-        prefix = template.format(layer=layer)
+        prefix = block.format(layer=layer)
         outputs = {
             role: _role_outputs(
                 role,
@@ -285,7 +289,7 @@ def build_plan(
             )
             for role, names in inputs.items()
         }
-        layers.append(LayerPlan(layer, inputs, outputs))
+        layers.append(LayerPlan(len(layers), inputs, outputs))
     extra = template.format(layer=shape.n_layers) + family.roles[key_role(family)]
     if extra in source.tensors:
         raise ConversionError(

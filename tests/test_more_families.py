@@ -228,3 +228,58 @@ def test_gpt2_to_gpt_bigcode_real_mqa(tmp_path):
     assert out.transformer.h[0].attn.c_attn.weight.shape == ((H + 2) * HD, 32)
     assert report.kv_cache["saving"] == 1 - 1 / H and not report.emulated
     torch.testing.assert_close(logits(out), logits(pooled_reference(model, "gpt2", 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_t5_decoder_self_and_cross_attention_emulated(tmp_path):
+    """The paper's own model: only the decoder's self- and cross-attention are converted."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        d_ff=48,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_factor=3.0,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg).eval()
+    src = save_model(model, tmp_path / "src")
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def out(m):
+        with torch.no_grad():
+            return m(input_ids=ids, decoder_input_ids=dec).logits
+
+    with pytest.raises(ConversionError, match="--emulate"):
+        convert(src, 2, out=tmp_path / "x")
+    convert(src, 4, out=tmp_path / "same")
+    assert torch.equal(out(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "same")), out(model))
+    for g in (2, 1):
+        report = convert(src, g, out=tmp_path / f"g{g}", emulate=True)
+        converted = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / f"g{g}").eval()
+        ref = copy.deepcopy(model)
+        sd = ref.state_dict()
+        for name in sd:
+            if name.startswith("decoder.") and name.endswith((".k.weight", ".v.weight")):
+                w = sd[name].reshape(g, H // g, HD, -1)
+                sd[name] = w.mean(1, keepdim=True).expand_as(w).reshape(H * HD, -1).clone()
+        ref.load_state_dict(sd)
+        torch.testing.assert_close(out(converted), out(ref), rtol=1e-4, atol=1e-4)
+        assert report.emulated
+        enc = "encoder.block.0.layer.0.SelfAttention.k.weight"
+        assert torch.equal(converted.state_dict()[enc], model.state_dict()[enc]), "the encoder is left alone"
+        changed = [c["name"] for c in report.attention_changes]
+        assert changed == [], "emulation keeps every shape"
+    fold = convert(src, 1, out=tmp_path / "fold", emulate=True, method="fold")
+    err = {
+        p: (out(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / p)) - out(model)).square().mean()
+        for p in ("fold", "g1")
+    }
+    assert err["fold"] < err["g1"] and fold.emulated

@@ -58,6 +58,8 @@ class Family:
     mqa_flag: str | None = None  # config flag of a native multi-query layout (GPT-BigCode, old Falcon)
     gqa_flag: str | None = None  # config flag that enables native GQA (Falcon's new_decoder_architecture)
     sibling: dict[str, Any] | None = None  # a native-MQA sibling architecture (see GPT-2), for --sibling
+    blocks: tuple[str, ...] = ()  # several attention blocks per layer (T5's decoder), converted alike
+    auto_class: str = "AutoModelForCausalLM"
     default_partial_rotary: float = 1.0  # fraction of head_dim rotated when the config does not say
     key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
     refuse: tuple[tuple[str, Any, str], ...] = field(default=())
@@ -212,6 +214,25 @@ FAMILIES += (
         native_gqa=False,
         rope_layout="none",
         layout="fused query_key_value, per head (ALiBi)",
+    ),
+)
+
+FAMILIES += (
+    # The GQA paper's own model. As in the paper, only the decoder's self- and cross-attention
+    # are converted; the encoder is left alone. transformers' T5 has no GQA: --emulate.
+    Family(
+        "T5",
+        ("t5",),
+        {"q.weight": "q.weight", "k.weight": "k.weight", "v.weight": "v.weight", "o.weight": "o.weight"},
+        blocks=("decoder.block.{layer}.layer.0.SelfAttention.", "decoder.block.{layer}.layer.1.EncDecAttention."),
+        heads_key="num_heads",
+        layers_key="num_decoder_layers",
+        hidden_key="d_model",
+        head_dim_key="d_kv",
+        native_gqa=False,
+        rope_layout="none",
+        auto_class="AutoModelForSeq2SeqLM",
+        layout="decoder self- and cross-attention, separate q/k/v/o (encoder unchanged)",
     ),
 )
 
