@@ -37,14 +37,14 @@ def _available_ram() -> int:
         return 8 << 30
 
 
-def _load(root: Path, model_bytes_fp32: int, budget: int | None, trust_remote_code: bool):
+def _load(root: Path, model_bytes_fp32: int, budget: int | None, trust_remote_code: bool, offload: str):
+    """The model in float32: in memory if it fits the budget, else offloaded to `offload`."""
     budget = budget or _available_ram() // 2
     if model_bytes_fp32 <= budget:
         return load_model(root, torch.float32, "cpu", trust_remote_code), False
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    offload = tempfile.mkdtemp(prefix="gqa-calib-offload-")
     model = AutoModelForCausalLM.from_pretrained(
         root,
         dtype=torch.float32,
@@ -81,7 +81,8 @@ def collect(
     stream, _, _ = build_stream(tokenizer, docs, tokens, bos=tokenizer.bos_token_id is not None)
     if len(stream) < 2:
         raise ConversionError("the calibration data gives fewer than 2 tokens")
-    model, offloaded = _load(root, bytes_fp32, memory_budget, trust_remote_code)
+    offload_dir = tempfile.TemporaryDirectory(prefix="gqa-calib-offload-")
+    model, offloaded = _load(root, bytes_fp32, memory_budget, trust_remote_code, offload_dir.name)
     hidden = int(config[family.hidden_key])
     sums = {i: torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64) for i in range(n_layers)}
     q_name = family.roles["q.weight"].removesuffix(".weight")
@@ -115,6 +116,8 @@ def collect(
     finally:
         for h in handles:
             h.remove()
+        del model
+        offload_dir.cleanup()
     n = len(stream)
     return Calibration(
         {i: s / n for i, s in sums.items()},

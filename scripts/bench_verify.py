@@ -51,12 +51,33 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--stride", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--synthetic-vocab",
+        type=int,
+        default=0,
+        help="score a random Llama (hidden 256, 4 layers) with this vocabulary instead of --model's "
+        "weights (same tokens): shows where the LM head dominates",
+    )
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    if args.synthetic_vocab:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=args.synthetic_vocab,
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=2048,
+            )
+        ).eval()
     docs, _ = load_documents([args.data], separator=args.separator)
     ids, _, _ = build_stream(tok, docs, args.max_tokens, bos=True)
     torch.set_num_threads(torch.get_num_threads())
@@ -68,8 +89,9 @@ def main() -> None:
     s = score_stream(model, ids, args.seq_len, args.stride, args.batch_size)
     t_ours = time.perf_counter() - t0
 
+    name = f"random Llama, vocab {args.synthetic_vocab}" if args.synthetic_vocab else Path(args.model).name
     print(
-        f"model {Path(args.model).name}, {len(ids)} tokens, seq-len {args.seq_len}, stride {args.stride}, "
+        f"model {name}, {len(ids)} tokens, seq-len {args.seq_len}, stride {args.stride}, "
         f"{torch.get_num_threads()} CPU threads"
     )
     print(f"{'scorer':<22} {'tokens':>7} {'ppl':>10} {'seconds':>8} {'tokens/s':>9} {'speed-up':>9}")

@@ -119,3 +119,27 @@ def test_real_subprocess_bare_form(tmp_path, src):
         timeout=60,
     )
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hub_id_resolved_from_the_local_cache_offline(tmp_path):
+    """A hub id is resolved through huggingface_hub (offline, from its cache); the manifest
+    records the hub id and the snapshot's revision."""
+    src = make_checkpoint(tmp_path, "llama")[0]
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for f in src.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    p = subprocess.run([sys.executable, "-m", "gqa_convert", "someone/tiny-llama", "--mqa", "--json", "-q"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["output"] == str(tmp_path / "tiny-llama-mqa")
+    manifest = json.loads((tmp_path / "tiny-llama-mqa" / "gqa_convert.json").read_text())
+    assert manifest["source"]["hub_id"] == "someone/tiny-llama" and manifest["source"]["revision"] == sha
+    p = subprocess.run([sys.executable, "-m", "gqa_convert", "someone/not-cached", "--mqa"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "not in the local cache" in p.stderr

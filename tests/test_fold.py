@@ -95,3 +95,22 @@ def test_calibrated_fold_records_calibration(tmp_path):
     assert len(m["calibration"]["files"][str(train)]) == 64
     with pytest.raises(Exception, match="--calib is used by --method fold only"):
         convert(mha, 2, out=tmp_path / "x", calib=[str(train)])
+
+
+def test_calibration_of_a_model_larger_than_the_memory_budget(tmp_path):
+    """A model over the budget is run from disk layer by layer (Accelerate offloading), with
+    the same statistics as in memory."""
+    from gqa_convert.calibrate import collect
+    from gqa_convert.io.source import open_source
+    from gqa_convert.plan import build_plan
+
+    src = open_source(shared_path("models", "stories260K-mha"))
+    plan = build_plan(src, 2, "fold")
+    data = [str(shared_path("data", "tinystories-valid-train.txt"))]
+    args = (src.root, src.config, plan.family, plan.attn_prefix, plan.shape.n_layers, data)
+    kw = dict(tokens=512, separator="<|endoftext|>")
+    in_memory = collect(*args, **kw)
+    offloaded = collect(*args, **kw, bytes_fp32=10**9, memory_budget=300_000)
+    assert offloaded.offloaded and not in_memory.offloaded
+    for layer, m in in_memory.moments.items():
+        torch.testing.assert_close(offloaded.moments[layer], m)

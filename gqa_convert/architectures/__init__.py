@@ -243,16 +243,21 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
+def families_line() -> str:
+    """The supported model types, as the error message and --help list them."""
+    native = sorted(t for f in FAMILIES if f.native_gqa or f.gqa_flag for t in f.model_types)
+    other = sorted(t for f in FAMILIES if not (f.native_gqa or f.gqa_flag) for t in f.model_types)
+    return (f"gqa-convert converts these families: {', '.join(native)} (native GQA); "
+            f"and {', '.join(other)} (MQA through their own layout, --sibling, or --emulate).")
+
+
 def family_for(config: dict[str, Any]) -> Family:
     """The family entry for a config.json dict, or a ConversionError naming the supported ones."""
     model_type = config.get("model_type")
     family = _BY_MODEL_TYPE.get(model_type or "")
     if family is None:
         what = f"model_type {model_type!r}" if model_type else "a config.json without model_type"
-        raise ConversionError(
-            f"unsupported architecture: {what}. gqa-convert converts these families: "
-            f"{', '.join(supported_model_types())}."
-        )
+        raise ConversionError(f"unsupported architecture: {what}. {families_line()}")
     for key, value, reason in family.refuse:
         if config.get(key) == value:
             raise ConversionError(f"cannot convert this {family.name} checkpoint: {reason}")

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from .. import __version__
+from ..architectures import families_line
 from .batch_cmd import EPILOG as BATCH_EPILOG
 from .batch_cmd import batch_command
 from .convert_cmd import EPILOG as CONVERT_EPILOG
@@ -20,14 +21,34 @@ from .uptrain_cmd import uptrain_command
 from .verify_cmd import EPILOG as VERIFY_EPILOG
 from .verify_cmd import verify_command
 
+ROOT_EPILOG = """[bold]Examples[/]
+
+  gqa-convert demo                                   [dim]# see it all work offline[/]
+
+  gqa-convert inspect ./llama-2-7b                   [dim]# what each G would save[/]
+
+  gqa-convert ./llama-2-7b --groups 8                [dim]# convert (the paper's mean pooling)[/]
+
+  gqa-convert ./llama-2-7b -g 8 --method fold --calib train.txt
+
+  gqa-convert verify ./llama-2-7b-gqa8 --data eval.txt
+
+  gqa-convert uptrain ./llama-2-7b-gqa8 --data train.txt --out ./up --steps 2000
+
+  gqa-convert batch jobs.yaml
+
+Run gqa-convert COMMAND --help for each command's options. Exit codes: 0 success, 1 a check or
+job failed (or a bug), 2 bad input or usage, 130 interrupted."""
+
 app = typer.Typer(
     name="gqa-convert",
     help=(
         "Convert multi-head-attention checkpoints to grouped-query (GQA) or multi-query (MQA) attention, "
         "as in Ainslie et al. 2023 (arXiv 2305.13245). GQA-G keeps G KV heads, so the KV cache is G/H the size.\n\n"
-        "[bold]gqa-convert MODEL --groups G[/] is short for [bold]gqa-convert convert MODEL --groups G[/]."
+        "[bold]gqa-convert MODEL --groups G[/] is short for [bold]gqa-convert convert MODEL --groups G[/].\n\n"
+        + families_line()
     ),
-    epilog=CONVERT_EPILOG,
+    epilog=ROOT_EPILOG,
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

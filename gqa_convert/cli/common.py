@@ -52,7 +52,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def user_errors(interrupted_note: str = "") -> Iterator[None]:
     """Turn ConversionError into one red line and its exit code; Ctrl-C/SIGTERM into exit 130
     (after the library's own clean-up has run). Anything else is a bug and keeps its traceback."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT too: a process started in the background by a non-interactive shell inherits an
+    # ignored SIGINT, and `kill -INT` must still stop it cleanly.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except ConversionError as e:
@@ -60,7 +62,8 @@ def user_errors(interrupted_note: str = "") -> Iterator[None]:
     except KeyboardInterrupt:
         raise fail("interrupted" + (f"; {interrupted_note}" if interrupted_note else ""), EXIT_INTERRUPTED) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def print_json(data: Any) -> None:
