@@ -40,6 +40,23 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
 
 
+def batch_loss(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    teacher: torch.nn.Module | None = None,
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, LM loss): the LM loss, mixed with distillation from `teacher` if given."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    lm = lm_loss(logits, ids)
+    if teacher is None:
+        return lm, lm
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    return (1 - kd_weight) * lm + kd_weight * kd_loss(logits, t_logits, temperature), lm
+
+
 @dataclass
 class StepResult:
     step: int
@@ -72,13 +89,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup)
         ids = next(batches).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        lm = lm_loss(logits, ids)
-        loss = lm
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            loss = (1 - kd_weight) * lm + kd_weight * kd_loss(logits, t_logits, temperature)
+        loss, lm = batch_loss(model, ids, teacher, kd_weight, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

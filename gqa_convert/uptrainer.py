@@ -27,7 +27,7 @@ from .io.outdir import OutputDir
 from .io.source import read_config, resolve
 from .packing import blocks, global_batches, token_stream
 from .perplexity import build_stream, score_stream
-from .training import kd_loss, lm_loss, lr_factor, make_optimizer
+from .training import batch_loss, lm_loss, lr_factor, make_optimizer
 
 STATE_SUFFIX = ".uptrain-state"
 
@@ -328,13 +328,7 @@ def uptrain(
             ids = ids.to(device)
             sync = contextlib.nullcontext() if i == o.grad_accum - 1 else accelerator.no_sync(student)
             with sync, accelerator.autocast():
-                logits = student(input_ids=ids, use_cache=False).logits
-                lm = lm_loss(logits, ids)
-                loss = lm
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=ids, use_cache=False).logits
-                    loss = (1 - o.kd_weight) * lm + o.kd_weight * kd_loss(logits, t_logits, o.temperature)
+                loss, lm = batch_loss(student, ids, teacher, o.kd_weight, o.temperature)
                 accelerator.backward(loss / o.grad_accum)
             total += loss.detach() / o.grad_accum
             total_lm += lm.detach() / o.grad_accum

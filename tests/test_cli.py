@@ -134,12 +134,24 @@ def test_hub_id_resolved_from_the_local_cache_offline(tmp_path):
     for f in src.iterdir():
         (snapshot / f.name).write_bytes(f.read_bytes())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    p = subprocess.run([sys.executable, "-m", "gqa_convert", "someone/tiny-llama", "--mqa", "--json", "-q"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gqa_convert", "someone/tiny-llama", "--mqa", "--json", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["output"] == str(tmp_path / "tiny-llama-mqa")
     manifest = json.loads((tmp_path / "tiny-llama-mqa" / "gqa_convert.json").read_text())
     assert manifest["source"]["hub_id"] == "someone/tiny-llama" and manifest["source"]["revision"] == sha
-    p = subprocess.run([sys.executable, "-m", "gqa_convert", "someone/not-cached", "--mqa"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gqa_convert", "someone/not-cached", "--mqa"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert p.returncode == 2 and "not in the local cache" in p.stderr

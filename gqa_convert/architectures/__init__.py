@@ -247,8 +247,10 @@ def families_line() -> str:
     """The supported model types, as the error message and --help list them."""
     native = sorted(t for f in FAMILIES if f.native_gqa or f.gqa_flag for t in f.model_types)
     other = sorted(t for f in FAMILIES if not (f.native_gqa or f.gqa_flag) for t in f.model_types)
-    return (f"gqa-convert converts these families: {', '.join(native)} (native GQA); "
-            f"and {', '.join(other)} (MQA through their own layout, --sibling, or --emulate).")
+    return (
+        f"gqa-convert converts these families: {', '.join(native)} (native GQA); "
+        f"and {', '.join(other)} (MQA through their own layout, --sibling, or --emulate)."
+    )
 
 
 def family_for(config: dict[str, Any]) -> Family:
