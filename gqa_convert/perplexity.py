@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,16 @@ def _forward_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int) -> tor
 
 
 @torch.inference_mode()
+def _batch_nll(model: torch.nn.Module, ids: torch.Tensor, batch: list[Window], device) -> tuple[float, int]:
+    length, n_score = batch[0].length, batch[0].n_score
+    x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+    # positions length-1-n_score .. length-2 predict the last n_score tokens
+    logits = _forward_logits(model, x, n_score + 1)[:, :-1].float()
+    targets = x[:, length - n_score :]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+    return nll, targets.numel()
+
+
 def score_stream(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -73,23 +84,38 @@ def score_stream(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     on_tokens=lambda n: None,
+    workers: int | None = None,
 ) -> Score:
-    """Sum of token NLLs over the 1-D stream `ids`, windows batched by shape."""
+    """Sum of token NLLs over the 1-D stream `ids`, windows batched by shape.
+
+    On CPU, batches run on `workers` threads (default: torch's thread count) with one
+    intra-op thread each: for small and mid-size models, ops in parallel beat each op
+    split across cores. Batch results are summed in a fixed order, so the result does
+    not depend on the thread count."""
     groups: dict[tuple[int, int], list[Window]] = defaultdict(list)
     for w in windows(len(ids), seq_len, stride):
         groups[(w.length, w.n_score)].append(w)
-    nll, count = 0.0, 0
-    for (length, n_score), ws in groups.items():
-        for i in range(0, len(ws), batch_size):
-            batch = ws[i : i + batch_size]
-            x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
-            # positions length-1-n_score .. length-2 predict the last n_score tokens
-            logits = _forward_logits(model, x, n_score + 1)[:, :-1].float()
-            targets = x[:, length - n_score :]
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-            count += targets.numel()
-            on_tokens(targets.numel())
-    return Score(nll, count)
+    batches = [ws[i : i + batch_size] for ws in groups.values() for i in range(0, len(ws), batch_size)]
+    cpu = torch.device(device).type == "cpu"
+    workers = (workers or torch.get_num_threads()) if cpu else 1
+    if workers <= 1 or len(batches) == 1:
+        results = []
+        for b in batches:
+            results.append(_batch_nll(model, ids, b, device))
+            on_tokens(results[-1][1])
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_batch_nll, model, ids, b, device) for b in batches]
+                results = []
+                for f in futures:
+                    results.append(f.result())
+                    on_tokens(results[-1][1])
+        finally:
+            torch.set_num_threads(threads)
+    return Score(sum(r[0] for r in results), sum(r[1] for r in results))
 
 
 def build_stream(tokenizer, documents: list[str], max_tokens: int, bos: bool) -> tuple[torch.Tensor, int, int]:
