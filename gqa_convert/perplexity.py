@@ -98,6 +98,9 @@ def score_stream(
     batches = [ws[i : i + batch_size] for ws in groups.values() for i in range(0, len(ws), batch_size)]
     cpu = torch.device(device).type == "cpu"
     workers = (workers or torch.get_num_threads()) if cpu else 1
+    rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
+    if "dynamic" in str(rope.get("rope_type", "")):  # dynamic RoPE updates buffers during forward
+        workers = 1
     if workers <= 1 or len(batches) == 1:
         results = []
         for b in batches:
