@@ -232,8 +232,8 @@ def uptrain(
 
     tokenizer = AutoTokenizer.from_pretrained(root)
     student = _load_student(root, o, device)
-    if o.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+    if o.gradient_checkpointing:  # transformers 5.x renamed it; older releases have only the first name
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     if o.lora:
         student = _apply_lora(student, o)
     n_total = sum(p.numel() for p in student.parameters())

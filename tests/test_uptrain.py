@@ -182,3 +182,14 @@ def test_two_processes_match_one(tiny, tmp_path):
     torch.testing.assert_close(
         torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-3, atol=1e-4
     )
+
+
+def test_token_files_and_gradient_checkpointing(tiny, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "tokens.npy", np.arange(4, 36, dtype=np.int32).repeat(20))
+    r = uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "o", data=[str(tmp_path / "tokens.npy")], steps=3,
+                                         gradient_checkpointing=True))
+    assert r.steps == 3 and len(losses(tmp_path / "o")) == 3
+    with pytest.raises(ConversionError, match="one kind of --data"):
+        uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "x", data=[str(tmp_path / "tokens.npy"), str(tiny / "train.txt")]))
