@@ -168,14 +168,17 @@ def _load_student(root: Path, o: UptrainOptions, device: str) -> torch.nn.Module
     return load_model(root, torch.float32, device, o.trust_remote_code)  # float32 master weights
 
 
-def _eval_ppl(model, tokenizer, specs, o: UptrainOptions, seq_len: int, device: str) -> float:
+def _eval_ppl(
+    model, tokenizer, specs, o: UptrainOptions, seq_len: int, device: str, workers: int | None = None
+) -> float:
+    """Held-out perplexity; every process runs it (sharded models need all ranks in forward)."""
     from .data import load_documents
 
     docs, _ = load_documents(specs, separator=o.separator, text_field=o.text_field)
     ids, _, _ = build_stream(tokenizer, docs, o.eval_tokens, bos=tokenizer.bos_token_id is not None)
     was_training = model.training
     model.eval()
-    score = score_stream(model, ids, seq_len, seq_len, batch_size=o.batch_size, device=device)
+    score = score_stream(model, ids, seq_len, seq_len, batch_size=o.batch_size, device=device, workers=workers)
     model.train(was_training)
     return score.ppl
 
@@ -304,10 +307,13 @@ def uptrain(
     elif state_dir.exists():
         shutil.rmtree(state_dir)  # a previous run's state; we start afresh
 
-    if o.eval_data and accelerator.is_main_process:
-        report.eval_ppl_before = _eval_ppl(
-            accelerator.unwrap_model(student), tokenizer, o.eval_data, o, seq_len, device
-        )
+    workers = 1 if world > 1 else None  # no evaluation threads beside collectives
+
+    def evaluate() -> float:
+        return _eval_ppl(student, tokenizer, o.eval_data, o, seq_len, device, workers)
+
+    if o.eval_data:
+        report.eval_ppl_before = evaluate()
         if start_step == 0:
             history.append({"step": 0, "eval_ppl": report.eval_ppl_before})
         on_eval(start_step, report.eval_ppl_before)
@@ -362,27 +368,27 @@ def uptrain(
         )
         on_step(info)
         if o.eval_data and o.eval_every and info.step % o.eval_every == 0 and info.step < steps:
-            if accelerator.is_main_process:
-                ppl = _eval_ppl(accelerator.unwrap_model(student), tokenizer, o.eval_data, o, seq_len, device)
-                history.append({"step": info.step, "eval_ppl": ppl})
-                on_eval(info.step, ppl)
-            accelerator.wait_for_everyone()
+            ppl = evaluate()
+            history.append({"step": info.step, "eval_ppl": ppl})
+            on_eval(info.step, ppl)
         if o.save_every and info.step % o.save_every == 0 and info.step < steps:
             _save_state(accelerator, state_dir, info.step, sched, history, global_batch, seq_len, steps)
 
     report.final_loss = history[-1]["loss"] if history and "loss" in history[-1] else None
-    final = accelerator.unwrap_model(student)
-    if o.eval_data and accelerator.is_main_process:
-        report.eval_ppl_after = _eval_ppl(final, tokenizer, o.eval_data, o, seq_len, device)
+    if o.eval_data:
+        report.eval_ppl_after = evaluate()
         history.append({"step": steps, "eval_ppl": report.eval_ppl_after})
         on_eval(steps, report.eval_ppl_after)
     report.history = history
     accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(student)
+    # gathered on every rank (FSDP shards the weights); LoRA adapters are merged into the base instead
+    state_dict = None if o.lora else accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         if o.lora:
             final = final.merge_and_unload()  # the output stays a stock checkpoint
         report.seconds = time.perf_counter() - started
-        _write_output(final, root, config, out, o, report, tokenizer)
+        _write_output(final, state_dict, root, config, out, o, report)
         shutil.rmtree(state_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     report.seconds = time.perf_counter() - started
@@ -404,21 +410,24 @@ def _save_state(
             "seq_len": seq_len,
         }
         (path / "progress.json").write_text(json.dumps(progress))
-        for old in state_dir.glob("step-*"):  # keep only the newest two
-            if int(old.name.split("-")[1]) < step - 1 and old != path and len(list(state_dir.glob("step-*"))) > 2:
-                shutil.rmtree(old, ignore_errors=True)
+        saved = sorted(state_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in saved[:-2]:  # keep the newest two
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def _write_output(
-    model, root: Path, config: dict[str, Any], out: Path, o: UptrainOptions, report: UptrainReport, tokenizer
+    model, state_dict, root: Path, config: dict[str, Any], out: Path, o: UptrainOptions, report: UptrainReport
 ) -> None:
     from .converter import copy_other_files
 
     od = OutputDir(out, root, o.force)
     with od as tmp:
-        model = model.to(_source_dtype(config))
-        model.save_pretrained(tmp, max_shard_size=o.max_shard_size)
+        dtype = _source_dtype(config)
+        model = model.to(dtype)
+        if state_dict is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=o.max_shard_size)
         copy_other_files(root, tmp)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in report.history))
         try:

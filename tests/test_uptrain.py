@@ -150,6 +150,12 @@ def test_two_processes_match_one(tiny, tmp_path):
         "--warmup",
         "2",
         "-q",
+        "--eval-data",
+        str(tiny / "eval.txt"),
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "256",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
@@ -182,14 +188,30 @@ def test_two_processes_match_one(tiny, tmp_path):
     torch.testing.assert_close(
         torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-3, atol=1e-4
     )
+    evals = [
+        [
+            h["eval_ppl"]
+            for h in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            if "eval_ppl" in h
+        ]
+        for d in ("one", "two")
+    ]
+    assert len(evals[0]) == 3  # before, at step 3, after
+    torch.testing.assert_close(torch.tensor(evals[1]), torch.tensor(evals[0]), rtol=1e-3, atol=1e-4)
+    w = [load(tmp_path / d).model.layers[0].self_attn.k_proj.weight for d in ("one", "two")]
+    torch.testing.assert_close(w[1], w[0], rtol=1e-3, atol=1e-4)
 
 
 def test_token_files_and_gradient_checkpointing(tiny, tmp_path):
     import numpy as np
 
     np.save(tmp_path / "tokens.npy", np.arange(4, 36, dtype=np.int32).repeat(20))
-    r = uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "o", data=[str(tmp_path / "tokens.npy")], steps=3,
-                                         gradient_checkpointing=True))
+    r = uptrain(
+        str(tiny / "mqa"),
+        opts(tiny, tmp_path / "o", data=[str(tmp_path / "tokens.npy")], steps=3, gradient_checkpointing=True),
+    )
     assert r.steps == 3 and len(losses(tmp_path / "o")) == 3
     with pytest.raises(ConversionError, match="one kind of --data"):
-        uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "x", data=[str(tmp_path / "tokens.npy"), str(tiny / "train.txt")]))
+        uptrain(
+            str(tiny / "mqa"), opts(tiny, tmp_path / "x", data=[str(tmp_path / "tokens.npy"), str(tiny / "train.txt")])
+        )
