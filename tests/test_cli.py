@@ -155,3 +155,9 @@ def test_hub_id_resolved_from_the_local_cache_offline(tmp_path):
         timeout=120,
     )
     assert p.returncode == 2 and "not in the local cache" in p.stderr
+
+
+def test_error_messages_keep_brackets(tmp_path):
+    # rich markup must not eat parts of a message (e.g. "gqa-convert[data]" or a path with brackets)
+    r = runner.invoke(app, normalize_argv([str(tmp_path / "model[v2]"), "-g", "2"]))
+    assert r.exit_code == 2 and "model[v2]" in r.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..batch import BatchReport, JobResult, load_config, run_batch
@@ -46,7 +47,7 @@ def render(r: BatchReport) -> None:
     console.print(t)
     for x in r.results:
         if x.message:
-            console.print(f"[dim]{x.job} G={x.groups}: {x.message}[/]")
+            console.print(f"[dim]{escape(f'{x.job} G={x.groups}: {x.message}')}[/]")
 
 
 def batch_command(
@@ -68,7 +69,7 @@ def batch_command(
             return
 
         def progress(r: JobResult) -> None:
-            console.print(f"{r.job} G={r.groups}: {r.status}" + (f" — {r.message}" if r.message else ""))
+            console.print(escape(f"{r.job} G={r.groups}: {r.status}" + (f" — {r.message}" if r.message else "")))
 
         report = run_batch(config, on_result=progress)
     render(report)

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import EXIT_INTERRUPTED, ConversionError
 
@@ -40,7 +41,7 @@ def parse_size(text: str) -> int:
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # paths may hold [brackets]
     return typer.Exit(code)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -35,8 +36,8 @@ def _summary(r: ConvertReport) -> Table:
     t = Table(title="dry run: nothing written" if r.dry_run else "converted", title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("source", r.source)
-    t.add_row("output", r.output)
+    t.add_row("source", escape(r.source))
+    t.add_row("output", escape(r.output))
     t.add_row("family", f"{r.family}, {r.n_layers} layers, head_dim {r.head_dim}")
     t.add_row("heads", f"{r.n_heads} query; KV {r.kv_heads_before} -> {r.kv_heads_after} ({r.method})")
     if r.emulated:
@@ -54,7 +55,7 @@ def _summary(r: ConvertReport) -> Table:
     if not r.dry_run:
         t.add_row("time", f"{r.seconds:.1f} s")
     for stale in r.removed_stale:
-        t.add_row("cleaned", f"removed a stale temporary directory from an interrupted run: {stale}")
+        t.add_row("cleaned", f"removed a stale temporary directory from an interrupted run: {escape(stale)}")
     return t
 
 

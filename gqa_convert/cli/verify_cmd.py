@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -84,10 +85,12 @@ def render(r: VerifyReport) -> None:
             f"documents split on {s.get('separator')}[/]"
         )
         for d in r.data:
-            console.print(f"[dim]data: {d.spec} ({d.documents} documents, {d.bytes} bytes, sha256 {d.sha256[:12]}…)[/]")
+            console.print(
+                f"[dim]data: {escape(d.spec)} ({d.documents} documents, {d.bytes} bytes, sha256 {d.sha256[:12]}…)[/]"
+            )
     for m in models:
         if m.sample is not None:
-            console.print(f"[bold]{m.role}[/] {r.settings.get('prompt', '')!r} -> {m.sample!r}")
+            console.print(f"[bold]{m.role}[/] {escape(repr(r.settings.get('prompt', '')))} -> {escape(repr(m.sample))}")
     if r.max_ppl_ratio is not None and r.ppl_ratio is not None:
         verdict = "[green]passed[/]" if r.passed else "[bold red]FAILED[/]"
         console.print(f"perplexity ratio {r.ppl_ratio:.3f} vs limit {r.max_ppl_ratio}: {verdict}")
