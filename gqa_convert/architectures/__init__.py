@@ -66,6 +66,9 @@ class Family:
     notes: str = ""
 
 
+_FUSED = {"qkv.weight": "query_key_value.weight", "qkv.bias": "query_key_value.bias", "o.weight": "dense.weight"}
+_GPT = {"heads_key": "n_head", "layers_key": "n_layer", "hidden_key": "n_embd", "head_dim_key": None}
+
 FAMILIES: tuple[Family, ...] = (
     Family("Llama", ("llama",), _SEPARATE_QKVO, notes="Llama 1/2/3, and checkpoints in its format"),
     Family("Mistral", ("mistral",), _SEPARATE_QKVO),
@@ -105,12 +108,7 @@ FAMILIES: tuple[Family, ...] = (
         key_norm="qk_layernorm",
         notes="Phi 1/1.5/2: partial rotary, biases, `dense` output",
     ),
-)
-
-_FUSED = {"qkv.weight": "query_key_value.weight", "qkv.bias": "query_key_value.bias", "o.weight": "dense.weight"}
-_GPT = {"heads_key": "n_head", "layers_key": "n_layer", "hidden_key": "n_embd", "head_dim_key": None}
-
-FAMILIES += (
+    # Fused QKV layouts, MQA-only families and families without GQA in transformers.
     Family(
         "Phi-3",
         ("phi3",),
@@ -215,9 +213,6 @@ FAMILIES += (
         rope_layout="none",
         layout="fused query_key_value, per head (ALiBi)",
     ),
-)
-
-FAMILIES += (
     # The GQA paper's own model. As in the paper, only the decoder's self- and cross-attention
     # are converted; the encoder is left alone. transformers' T5 has no GQA: --emulate.
     Family(
