@@ -7,7 +7,7 @@ the methods only ever see roles ("q.weight", "k.bias", ...), never family names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConversionError
@@ -37,7 +37,6 @@ class Family:
     roles: role -> tensor name relative to the layer's attention prefix. A name with
         "{head}" is a per-head module list (one tensor per KV head), stacked on axis 0
         for conversion and split back afterwards.
-    refuse: (config key, value, reason) triples for settings this entry cannot convert.
     """
 
     name: str
@@ -62,7 +61,6 @@ class Family:
     auto_class: str = "AutoModelForCausalLM"
     default_partial_rotary: float = 1.0  # fraction of head_dim rotated when the config does not say
     key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
-    refuse: tuple[tuple[str, Any, str], ...] = field(default=())
     notes: str = ""
 
 
@@ -255,9 +253,6 @@ def family_for(config: dict[str, Any]) -> Family:
     if family is None:
         what = f"model_type {model_type!r}" if model_type else "a config.json without model_type"
         raise ConversionError(f"unsupported architecture: {what}. {families_line()}")
-    for key, value, reason in family.refuse:
-        if config.get(key) == value:
-            raise ConversionError(f"cannot convert this {family.name} checkpoint: {reason}")
     return family
 
 
