@@ -24,6 +24,7 @@ from .errors import ConversionError
 from .io.safetensors_format import itemsize
 from .io.source import Source
 from .io.writer import OutTensor, plan_shards
+from .kvcache import kv_bytes_per_token
 from .methods import Method, get_method
 from .methods.fold import Rope, rope_layout
 
@@ -82,7 +83,7 @@ class ConversionPlan:
         """K and V cache bytes per token, all layers, in the checkpoint's dtype (an emulated
         conversion still caches every head)."""
         n_kv = self.shape.n_kv_heads if n_kv is None or self.emulate else n_kv
-        return 2 * self.shape.n_layers * n_kv * self.shape.head_dim * itemsize(self.kv_dtype)
+        return kv_bytes_per_token(self.shape.n_layers, n_kv, self.shape.head_dim, itemsize(self.kv_dtype))
 
 
 def valid_groups(n_heads: int, n_kv: int) -> list[int]:

@@ -17,8 +17,9 @@ from .card import read_manifest
 from .data import DataSource, load_documents
 from .errors import ConversionError
 from .integrity import Check, load_model, open_checked, quiet_transformers, refuse_remote_code
+from .io.safetensors_format import DTYPES as SAFETENSORS_DTYPES
 from .io.source import read_config, resolve
-from .kvcache import CONTEXTS
+from .kvcache import CONTEXTS, kv_bytes_per_token
 from .perplexity import Score, build_stream, score_stream
 
 DEFAULT_MAX_TOKENS = 16384
@@ -74,7 +75,7 @@ def _kv_numbers(config: dict[str, Any], dtype: torch.dtype) -> tuple[int | None,
         return None, None
     n_kv = config.get("num_key_value_heads") or n_heads
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
-    return n_kv, 2 * n_layers * n_kv * head_dim * torch.empty((), dtype=dtype).element_size()
+    return n_kv, kv_bytes_per_token(n_layers, n_kv, head_dim, torch.empty((), dtype=dtype).element_size())
 
 
 def _resolve_dtype(name: str, config: dict[str, Any], device: str) -> torch.dtype:
@@ -146,7 +147,7 @@ def verify(
         refuse_remote_code(read_config(ref_root), ref_root, trust_remote_code)
     torch_dtype = _resolve_dtype(dtype, source.config, device)
     largest = max(source.tensors.values(), key=lambda t: t.nbytes)
-    kv_dtype = DTYPES.get(largest.dtype.lower().replace("f32", "float32").replace("f16", "float16"), torch.float32)
+    kv_dtype = SAFETENSORS_DTYPES[largest.dtype]  # the checkpoint's own dtype, not the one measured in
 
     conv_model = load_model(root, torch_dtype, device, trust_remote_code)
     checks.append(Check("loads with AutoModelForCausalLM", True, type(conv_model).__name__))

@@ -232,10 +232,6 @@ FAMILIES: tuple[Family, ...] = (
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
-def supported_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)
-
-
 def families_line() -> str:
     """The supported model types, as the error message and --help list them."""
     native = sorted(t for f in FAMILIES if f.native_gqa or f.gqa_flag for t in f.model_types)

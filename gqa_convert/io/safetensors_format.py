@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +134,3 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if len(buf) != info.nbytes:
         raise ConversionError(f"{info.path}: truncated while reading {info.name!r}")
     return tensor_from_bytes(buf, info.dtype, info.shape)
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
