@@ -5,29 +5,39 @@ The library API is what the CLI calls; batch scripts and notebooks import it dir
 
     from gqa_convert import convert
     report = convert("path/to/llama", 8, method="mean")
+
+The package follows the pipeline: architectures/ (the family table), io/ (checkpoints on
+disk), data/ (text and tokens), methods/ (K/V heads -> groups), conversion/, evaluation/,
+training/, then batch.py, demo/ and cli/ on top.
 """
 
-__version__ = "0.1.0"
-
-from .converter import ConvertReport, convert  # noqa: E402
-from .errors import CheckFailed, ConversionError  # noqa: E402
-from .io.source import open_source  # noqa: E402
-from .plan import build_plan, valid_groups  # noqa: E402
-from .uptrainer import UptrainOptions, UptrainReport, uptrain  # noqa: E402
-from .verifier import VerifyReport, verify  # noqa: E402
+from ._version import __version__
+from .architectures import valid_groups
+from .batch import BatchReport, run_batch
+from .conversion import ConvertReport, build_plan, convert
+from .errors import CheckFailed, ConversionError
+from .evaluation import InspectReport, VerifyReport, inspect_model, verify
+from .io.source import open_source
+from .manifest import Manifest
+from .training import UptrainOptions, UptrainReport, uptrain
 
 __all__ = [
     "__version__",
+    "BatchReport",
     "CheckFailed",
     "ConversionError",
     "ConvertReport",
-    "build_plan",
-    "convert",
-    "open_source",
-    "uptrain",
+    "InspectReport",
+    "Manifest",
     "UptrainOptions",
     "UptrainReport",
+    "VerifyReport",
+    "build_plan",
+    "convert",
+    "inspect_model",
+    "open_source",
+    "run_batch",
+    "uptrain",
     "valid_groups",
     "verify",
-    "VerifyReport",
 ]

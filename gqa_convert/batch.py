@@ -1,14 +1,23 @@
 """`run_batch(...) -> BatchReport`: many conversions from one YAML file.
 
-Each job names a model, one or several G, a method (and calibration), an output pattern,
-and optional verify and uptrain steps. The whole file is checked before any work starts
-(a bad field is reported with its line); a job whose output already exists with a
-matching manifest is skipped; a failed job does not stop the others."""
+Each job names a model, one or several G, the options of `convert()`, an output pattern,
+and optional `verify:` and `uptrain:` sections. The fields a job may hold are not written
+out here: they are read from the library's own signatures (`convert`, `verify`,
+`UptrainOptions`), so every option of the library is accepted and passed through, with the
+same types, defaults and ranges. The whole file is checked before any work starts (a bad
+field is reported with its line); a job whose output already exists with a matching
+manifest is skipped; a failed job does not stop the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
+import os
+import string
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,89 +25,138 @@ from typing import Any
 
 import yaml
 
-from .card import read_manifest
-from .converter import convert
+from .conversion import convert
 from .errors import ConversionError
-from .methods import METHODS
-from .plan import GROUPINGS
-from .uptrainer import UptrainOptions, uptrain
-from .verifier import verify
+from .evaluation import verify
+from .io.source import is_local
+from .manifest import Manifest
+from .options import problem
+from .training import UptrainOptions, uptrain
 
-# field -> (type check, description); "list[str]" accepts one string too
-JOB_FIELDS: dict[str, tuple[str, str]] = {
-    "name": ("str", "job name, used in {name}"),
-    "model": ("str", "local directory or hub id"),
-    "groups": ("int|list[int]", "G, or several"),
-    "method": ("str", "mean, first, random, fold"),
-    "grouping": ("str", "contiguous or search"),
-    "seed": ("int", "seed for random"),
-    "calib": ("list[str]", "calibration text for fold"),
-    "calib_tokens": ("int", "calibration tokens"),
-    "calib_separator": ("str", "document separator in calib text"),
-    "out": ("str", "output pattern: {name} {model_name} {groups} {method}"),
-    "max_shard_size": ("str", "e.g. 5GB"),
-    "force": ("bool", "replace an existing output whose manifest differs"),
-    "verify": ("dict", "verify step"),
-    "uptrain": ("dict", "uptrain step"),
+MAX_CONFIG_BYTES = 4 << 20
+OUT_KEYS = ("name", "model_name", "groups", "method")
+DEFAULT_OUT = "{model_name}-{method}-g{groups}"
+# Fields that name files or models: relative paths are relative to the batch file's folder.
+PATH_FIELDS = {"model", "calib", "data", "eval_data", "teacher", "reference"}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Field:
+    hint: Any
+    default: Any
+
+
+def _signature_fields(fn: Callable, exclude: set[str]) -> dict[str, Field]:
+    hints = typing.get_type_hints(fn)
+    return {
+        name: Field(hints[name], p.default)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in exclude and not name.startswith("on_")
+    }
+
+
+def _dataclass_fields(cls: type, exclude: set[str]) -> dict[str, Field]:
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: Field(hints[f.name], f.default if f.default is not dataclasses.MISSING else None)
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+    }
+
+
+# The job sections, derived from the library: a new option there is a new field here.
+CONVERT_FIELDS = _signature_fields(convert, {"out", "dry_run", "command"})
+VERIFY_FIELDS = _signature_fields(verify, set())
+UPTRAIN_FIELDS = _dataclass_fields(UptrainOptions, set())
+JOB_FIELDS = {
+    "name": Field(str, None),
+    "model": Field(str, None),
+    "groups": Field(int | list[int], None),
+    "out": Field(str, DEFAULT_OUT),
+    **CONVERT_FIELDS,
+    "verify": Field(dict, None),
+    "uptrain": Field(dict, None),
 }
-VERIFY_FIELDS = {
-    "data": ("list[str]", ""),
-    "separator": ("str", ""),
-    "max_tokens": ("int", ""),
-    "seq_len": ("int", ""),
-    "stride": ("int", ""),
-    "batch_size": ("int", ""),
-    "max_ppl_ratio": ("float", ""),
-    "reference": ("str", ""),
-}
-UPTRAIN_FIELDS = {
-    "data": ("list[str]", ""),
-    "out": ("str", ""),
-    "steps": ("int", ""),
-    "tokens": ("int", ""),
-    "lr": ("float", ""),
-    "batch_size": ("int", ""),
-    "grad_accum": ("int", ""),
-    "seq_len": ("int", ""),
-    "separator": ("str", ""),
-    "teacher": ("str", ""),
-    "kd_weight": ("float", ""),
-    "warmup": ("int", ""),
-    "eval_data": ("list[str]", ""),
-}
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path) or hint is os.PathLike or origin is os.PathLike:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        items = value if isinstance(value, list) else [value]  # one value for a list of one
+        return bool(items) and all(_accepts(item, x) for x in items)
+    return False
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(h) for h in typing.get_args(hint) if h is not type(None)]
+        return "|".join(dict.fromkeys(parts))
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        return f"list[{_describe(item)}]"
+    if hint is os.PathLike or origin is os.PathLike or hint is Path:
+        return "str"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """YAML gives lists where the library takes lists or tuples, and one value for a list of one."""
+    for h in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
+        origin = typing.get_origin(h)
+        if origin in (list, tuple) and _accepts(h, value):
+            items = value if isinstance(value, list) else [value]
+            return tuple(items) if origin is tuple else list(items)
+    return value
 
 
 class _LineLoader(yaml.SafeLoader):
-    """Records each mapping's line so errors can point at it."""
+    """Records each mapping's line so errors can point at it; refuses anchors and aliases
+    (an alias bomb expands without bound when shown)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: anchors and aliases (& and *) are not supported here")
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    for key, _ in node.value:
+        if not isinstance(loader.construct_object(key), str):
+            raise yaml.YAMLError(f"line {key.start_mark.line + 1}: field names must be text, not {key.value!r}")
     mapping = loader.construct_mapping(node, deep=True)
     mapping["__line__"] = node.start_mark.line + 1
-    mapping["__lines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value if hasattr(k, "value")}
+    mapping["__lines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value}
     return mapping
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _type_ok(value: Any, kind: str) -> bool:
-    checks = {
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "dict": lambda v: isinstance(v, dict),
-        "list[str]": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
-        "int|list[int]": lambda v: (
-            (isinstance(v, int) and not isinstance(v, bool))
-            or (isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
-        ),
-    }
-    return checks[kind](value)
-
-
-def _check_fields(where: str, path: Path, d: dict, fields: dict[str, tuple[str, str]]) -> None:
+def _check_fields(where: str, path: Path, d: dict, fields: dict[str, Field]) -> None:
     lines = d.get("__lines__", {})
     for key, value in d.items():
         if key.startswith("__"):
@@ -107,12 +165,18 @@ def _check_fields(where: str, path: Path, d: dict, fields: dict[str, tuple[str, 
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
             raise ConversionError(
-                f"{path}:{line}: {where}: unknown field {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields are {', '.join(fields)}")
+                f"{path}:{line}: {where}: unknown field {_short(key)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields are {', '.join(sorted(fields))}")
             )
-        kind = fields[key][0]
-        if not _type_ok(value, kind):
-            raise ConversionError(f"{path}:{line}: {where}: field {key!r} must be {kind}, not {value!r}")
+        f = fields[key]
+        if not _accepts(f.hint, value):
+            raise ConversionError(
+                f"{path}:{line}: {where}: field {key!r} must be {_describe(f.hint)}, not {_short(value)}"
+            )
+        for item in value if isinstance(value, list) else [value]:
+            why = problem(key, item)
+            if why:
+                raise ConversionError(f"{path}:{line}: {where}: field {key!r} {why}")
 
 
 def _clean(d: dict) -> dict:
@@ -132,45 +196,75 @@ class Job:
     line: int
 
     @property
+    def method(self) -> str:
+        return self.settings.get("method", CONVERT_FIELDS["method"].default)
+
+    @property
     def out(self) -> Path:
-        pattern = self.settings.get("out", "{model_name}-{method}-g{groups}")
+        pattern = self.settings.get("out", DEFAULT_OUT)
         model_name = self.model.rstrip("/").split("/")[-1]
-        return Path(
-            pattern.format(
-                name=self.name, model_name=model_name, groups=self.groups, method=self.settings.get("method", "mean")
+        return Path(pattern.format(name=self.name, model_name=model_name, groups=self.groups, method=self.method))
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+    except ValueError as e:
+        raise ConversionError(f"{where}: 'out' is not a valid pattern ({e})") from None
+    for name in names:
+        if name not in OUT_KEYS:
+            raise ConversionError(
+                f"{where}: 'out' uses {{{_short(name, 30)}}}; the placeholders are "
+                + ", ".join("{" + k + "}" for k in OUT_KEYS)
             )
-        )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        if not path.is_file():
+            raise ConversionError(f"{path}: no such file (or not a regular file)")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConversionError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is this a batch file?")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path}: not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_LineLoader)
+    except RecursionError:
+        raise ConversionError(f"{path}: nested too deeply") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        what = getattr(e, "problem", None) or str(e)
+        raise ConversionError(
+            f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({_short(what, 160)})"
+        ) from None
 
 
 def load_config(path: Path) -> list[Job]:
     """Parse and check the whole file; every problem names its line and field."""
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConversionError(
-            f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(e, 'problem', e)})"
-        ) from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
         raise ConversionError(f"{path}: expected a mapping with a non-empty 'jobs' list (see configs/ for examples)")
     for key in raw:
         if not key.startswith("__") and key not in ("jobs", "defaults"):
             raise ConversionError(
-                f"{path}:{raw['__lines__'].get(key, '?')}: unknown top-level field {key!r} (use 'defaults' and 'jobs')"
+                f"{path}:{raw['__lines__'].get(key, '?')}: unknown top-level field {_short(key)} "
+                "(use 'defaults' and 'jobs')"
             )
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConversionError(f"{path}: 'defaults' must be a mapping")
     _check_fields("defaults", path, defaults, JOB_FIELDS)
+    base = path.resolve().parent
     jobs: list[Job] = []
     names: set[str] = set()
     for i, entry in enumerate(raw["jobs"], 1):
         if not isinstance(entry, dict):
             raise ConversionError(f"{path}: job {i} must be a mapping with at least 'model' and 'groups'")
         line = entry["__line__"]
-        where = f"job {entry.get('name', i)!r}"
+        where = f"job {_short(entry.get('name', i), 40)}"
         _check_fields(where, path, entry, JOB_FIELDS)
         merged = {**_clean(defaults), **_clean(entry)}
         for sub, fields in (("verify", VERIFY_FIELDS), ("uptrain", UPTRAIN_FIELDS)):
@@ -181,30 +275,53 @@ def load_config(path: Path) -> list[Job]:
         for required in ("model", "groups"):
             if required not in merged:
                 raise ConversionError(f"{path}:{line}: {where}: missing field {required!r}")
+        from .methods import METHODS
+
         if merged.get("method", "mean") not in METHODS:
             raise ConversionError(
                 f"{path}:{entry['__lines__'].get('method', line)}: {where}: unknown method "
-                f"{merged['method']!r}; choose one of {', '.join(METHODS)}"
+                f"{_short(merged['method'])}; choose one of {', '.join(METHODS)}"
             )
+        from .conversion.plan import GROUPINGS
+
         if merged.get("grouping", "contiguous") not in GROUPINGS:
             raise ConversionError(f"{path}:{line}: {where}: grouping must be one of {', '.join(GROUPINGS)}")
         if "verify" in merged and not merged["verify"].get("data"):
             raise ConversionError(f"{path}:{line}: {where}: verify needs 'data'")
         if "uptrain" in merged and not merged["uptrain"].get("data"):
             raise ConversionError(f"{path}:{line}: {where}: uptrain needs 'data'")
+        _check_pattern(merged.get("out", DEFAULT_OUT), f"{path}:{entry['__lines__'].get('out', line)}: {where}")
+        if "uptrain" in merged and "out" in merged["uptrain"]:
+            _check_pattern(merged["uptrain"]["out"], f"{path}:{line}: {where} uptrain")
         name = merged.get("name") or f"job{i}"
         if name in names:
-            raise ConversionError(f"{path}:{line}: job name {name!r} is used twice")
+            raise ConversionError(f"{path}:{line}: job name {_short(name)} is used twice")
         names.add(name)
         for g in _as_list(merged["groups"]):
             if g < 1:
                 raise ConversionError(f"{path}:{line}: {where}: groups must be at least 1")
             jobs.append(Job(name, merged["model"], g, merged, line))
-    outs = [j.out for j in jobs]
-    dup = next((o for o in outs if outs.count(o) > 1), None)
-    if dup:
-        raise ConversionError(f"{path}: two jobs write to {dup}; put {{groups}} or {{name}} in 'out'")
+    outs: dict[Path, Job] = {}
+    for job in jobs:  # two jobs writing one place, however the paths are spelled
+        for target in (job.out, *([_uptrain_out(job, Path())] if "uptrain" in job.settings else [])):
+            real = (target if target.is_absolute() else base / target).resolve()
+            if real in outs:
+                raise ConversionError(
+                    f"{path}: jobs {outs[real].name!r} and {job.name!r} (G={job.groups}) both write {real}; "
+                    "put {groups} or {name} in 'out'"
+                )
+            outs[real] = job
     return jobs
+
+
+def _uptrain_out(job: Job, base: Path) -> Path:
+    u = job.settings["uptrain"]
+    if "out" in u:
+        model_name = job.model.rstrip("/").split("/")[-1]
+        out = Path(u["out"].format(name=job.name, model_name=model_name, groups=job.groups, method=job.method))
+    else:
+        out = Path(str(job.out) + "-uptrained")
+    return out if out.is_absolute() else base / out
 
 
 @dataclass
@@ -234,70 +351,66 @@ class BatchReport:
         return {"config": self.config, "failed": self.failed, "results": [asdict(r) for r in self.results]}
 
 
-def _matches(manifest: dict | None, job: Job, model: str) -> bool:
+def _matches(manifest: Manifest | None, job: Job, model: str) -> bool:
     """Same source, G, method and grouping: the output is what this job would write."""
-    if not manifest:
+    if manifest is None or manifest.source is None or manifest.conversion is None:
         return False
-    src = manifest.get("source", {})
-    same_source = src.get("hub_id") == model or (Path(model).exists() and src.get("path") == str(Path(model).resolve()))
-    conv = manifest.get("conversion", {})
+    src, conv = manifest.source, manifest.conversion
+    if is_local(model):
+        same_source = src.hub_id is None and src.path == str(Path(model).resolve())
+    else:
+        same_source = src.hub_id == model
     return same_source and (
-        conv.get("kv_heads_after") == job.groups
-        and conv.get("method") == job.settings.get("method", "mean")
-        and conv.get("grouping_mode", "contiguous") == job.settings.get("grouping", "contiguous")
+        conv.kv_heads_after == job.groups
+        and conv.method == job.method
+        and conv.grouping_mode == job.settings.get("grouping", "contiguous")
     )
+
+
+def _relative(base: Path, section: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+    """A section's values as the library takes them: paths relative to the batch file made
+    absolute where they exist there, lists where the library takes lists."""
+
+    def rel(v: str) -> str:
+        return str(base / v) if (base / v).exists() else v
+
+    out = {}
+    for key, value in section.items():
+        if key in PATH_FIELDS:
+            value = [rel(x) for x in value] if isinstance(value, list) else rel(value)
+        out[key] = _coerce(fields[key].hint, value)
+    return out
 
 
 def _run_job(job: Job, base: Path) -> JobResult:
     s = job.settings
     out = job.out if job.out.is_absolute() else base / job.out
-    method = s.get("method", "mean")
-    r = JobResult(job.name, job.groups, method, str(out), "done")
-    model = s["model"] if not (base / s["model"]).exists() else str(base / s["model"])
-    manifest = read_manifest(out) if out.is_dir() else None
+    r = JobResult(job.name, job.groups, job.method, str(out), "done")
+    model = _relative(base, {"model": s["model"]}, {"model": JOB_FIELDS["model"]})["model"]
+    manifest = Manifest.read(out) if out.is_dir() else None
     if _matches(manifest, job, model):
         r.status, r.message = "skipped", "output exists with a matching manifest"
-        r.kv_saving = manifest.get("kv_cache", {}).get("saving")
+        r.kv_saving = (manifest.kv_cache or {}).get("saving")
         return r
-    rel = lambda v: [str(base / x) if (base / x).exists() else x for x in _as_list(v)]  # noqa: E731
+    options = _relative(base, {k: v for k, v in s.items() if k in CONVERT_FIELDS}, CONVERT_FIELDS)
     report = convert(
-        model,
-        job.groups,
-        out=out,
-        method=method,
-        seed=s.get("seed", 0),
-        grouping=s.get("grouping", "contiguous"),
-        calib=rel(s["calib"]) if s.get("calib") else None,
-        calib_tokens=s.get("calib_tokens", 32768),
-        calib_separator=s.get("calib_separator"),
-        force=bool(s.get("force")),
-        command=f"gqa-convert batch (job {job.name}, G={job.groups})",
+        model, job.groups, out=out, command=f"gqa-convert batch (job {job.name}, G={job.groups})", **options
     )
     r.kv_saving = report.kv_cache["saving"]
-    v = s.get("verify")
+    v = _relative(base, s["verify"], VERIFY_FIELDS) if s.get("verify") else None
     if v:
-        kw = {k: v[k] for k in ("separator", "max_tokens", "seq_len", "stride", "batch_size") if k in v}
-        check = verify(
-            str(out), reference=v.get("reference"), data=rel(v["data"]), max_ppl_ratio=v.get("max_ppl_ratio"), **kw
-        )
+        check = verify(str(out), **v)
         r.ppl_ratio = check.ppl_ratio
         if not check.passed:
             r.status, r.message = "failed", f"perplexity ratio {check.ppl_ratio:.3f} > {v['max_ppl_ratio']}"
             return r
-    u = s.get("uptrain")
-    if u:
-        up_out = Path(u.get("out", str(out) + "-uptrained"))
-        opts = UptrainOptions(
-            data=rel(u["data"]),
-            out=up_out if up_out.is_absolute() else base / up_out,
-            force=True,
-            **{k: (rel(val) if k == "eval_data" else val) for k, val in u.items() if k not in ("data", "out")},
-        )
+    if s.get("uptrain"):
+        u = _relative(base, {k: val for k, val in s["uptrain"].items() if k != "out"}, UPTRAIN_FIELDS)
+        opts = UptrainOptions(**{"force": True, **u, "out": _uptrain_out(job, base)})
         uptrain(str(out), opts)
         if v:
-            kw = {k: v[k] for k in ("separator", "max_tokens", "seq_len", "stride", "batch_size") if k in v}
-            ref = v.get("reference") or model
-            r.ppl_ratio_uptrained = verify(str(opts.out), reference=ref, data=rel(v["data"]), **kw).ppl_ratio
+            after = {**v, "reference": v.get("reference") or model, "max_ppl_ratio": None}
+            r.ppl_ratio_uptrained = verify(str(opts.out), **after).ppl_ratio
     return r
 
 
@@ -311,9 +424,7 @@ def run_batch(config: Path, on_result: Callable[[JobResult], None] = lambda r: N
         try:
             r = _run_job(job, base)
         except ConversionError as e:
-            r = JobResult(
-                job.name, job.groups, job.settings.get("method", "mean"), str(job.out), "failed", message=str(e)
-            )
+            r = JobResult(job.name, job.groups, job.method, str(job.out), "failed", message=str(e))
         r.seconds = time.perf_counter() - start
         report.results.append(r)
         on_result(r)

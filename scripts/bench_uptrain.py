@@ -68,7 +68,7 @@ def write_data(work: Path, n_tokens: int, vocab: int) -> Path:
 
 
 def run_ours(model: Path, data: Path, out: Path, args) -> float:
-    from gqa_convert.uptrainer import UptrainOptions, uptrain
+    from gqa_convert.training import UptrainOptions, uptrain
 
     times: list[float] = []
 

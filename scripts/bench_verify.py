@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gqa_convert.data import load_documents  # noqa: E402
-from gqa_convert.perplexity import build_stream, score_stream  # noqa: E402
+from gqa_convert.data import build_stream, iter_documents  # noqa: E402
+from gqa_convert.evaluation.perplexity import score_stream  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -78,8 +78,8 @@ def main() -> None:
                 max_position_embeddings=2048,
             )
         ).eval()
-    docs, _ = load_documents([args.data], separator=args.separator)
-    ids, _, _ = build_stream(tok, docs, args.max_tokens, bos=True)
+    docs = iter_documents([args.data], separator=args.separator)
+    ids = build_stream(tok, docs, args.max_tokens, bos=True).ids
     torch.set_num_threads(torch.get_num_threads())
 
     t0 = time.perf_counter()

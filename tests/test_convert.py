@@ -12,7 +12,7 @@ from conftest import build_model, load, logits, make_checkpoint, pooled_in_place
 from safetensors import safe_open
 
 from gqa_convert import ConversionError, build_plan, convert, open_source
-from gqa_convert.card import MANIFEST
+from gqa_convert.manifest import MANIFEST
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

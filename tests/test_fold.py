@@ -100,14 +100,14 @@ def test_calibrated_fold_records_calibration(tmp_path):
 def test_calibration_of_a_model_larger_than_the_memory_budget(tmp_path):
     """A model over the budget is run from disk layer by layer (Accelerate offloading), with
     the same statistics as in memory."""
-    from gqa_convert.calibrate import collect
+    from gqa_convert.conversion.calibrate import collect
+    from gqa_convert.conversion.plan import build_plan
     from gqa_convert.io.source import open_source
-    from gqa_convert.plan import build_plan
 
     src = open_source(shared_path("models", "stories260K-mha"))
     plan = build_plan(src, 2, "fold")
     data = [str(shared_path("data", "tinystories-valid-train.txt"))]
-    args = (src.root, src.config, plan.family, plan.attn_prefix, plan.shape.n_layers, data)
+    args = (src.root, src.config, plan.family, [lp.prefix for lp in plan.layers], data)
     kw = dict(tokens=512, separator="<|endoftext|>")
     in_memory = collect(*args, **kw)
     offloaded = collect(*args, **kw, bytes_fp32=10**9, memory_budget=300_000)

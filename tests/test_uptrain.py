@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from gqa_convert import ConversionError, convert
 from gqa_convert.cli import app
 from gqa_convert.demo import corpus
-from gqa_convert.uptrainer import UptrainOptions, uptrain
+from gqa_convert.training import UptrainOptions, uptrain
 
 
 @pytest.fixture(scope="module")

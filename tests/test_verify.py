@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from gqa_convert import CheckFailed, ConversionError, convert
 from gqa_convert.cli import app
-from gqa_convert.perplexity import build_stream, windows
-from gqa_convert.verifier import verify
+from gqa_convert.data import build_stream
+from gqa_convert.evaluation import verify
+from gqa_convert.evaluation.perplexity import windows
 
 runner = CliRunner()
 STORIES_SEP = "<|endoftext|>"
@@ -65,7 +66,7 @@ def test_verify_matches_simple_loop(tmp_path, seq_len, stride, batch):
 
     tok = AutoTokenizer.from_pretrained(src)
     docs = [d.strip() for d in data.read_text().split(STORIES_SEP) if d.strip()]
-    ids, _, _ = build_stream(tok, docs, 600, bos=True)
+    ids = build_stream(tok, docs, 600, bos=True).ids
     assert ids[0].item() == 1, "BOS before the first story"
     ppl, count = simple_ppl(load(src), ids, seq_len, stride)
     assert report.converted.tokens == count

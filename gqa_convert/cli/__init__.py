@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from .. import __version__
+from .._version import __version__
 from ..architectures import families_line
 from .batch_cmd import EPILOG as BATCH_EPILOG
 from .batch_cmd import batch_command

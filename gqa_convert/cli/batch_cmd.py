@@ -11,6 +11,7 @@ from rich.table import Table
 from ..batch import BatchReport, JobResult, load_config, run_batch
 from ..errors import EXIT_FAILURE
 from .common import console, print_json, user_errors
+from .options import Json
 
 EPILOG = """[bold]Examples[/]
 
@@ -53,7 +54,7 @@ def render(r: BatchReport) -> None:
 def batch_command(
     config: Path = typer.Argument(..., help="YAML file with 'defaults' and 'jobs' (see configs/)."),
     check: bool = typer.Option(False, "--check", help="Validate the file and list the jobs; run nothing."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    json_out: Json = False,
 ) -> None:
     """Run many conversions (and their verify/uptrain steps) from one YAML file.
 
@@ -63,9 +64,7 @@ def batch_command(
     with user_errors():
         if check:
             for job in load_config(config):
-                console.print(
-                    f"{job.name}: {job.model} -> G={job.groups} ({job.settings.get('method', 'mean')}) -> {job.out}"
-                )
+                console.print(escape(f"{job.name}: {job.model} -> G={job.groups} ({job.method}) -> {job.out}"))
             return
 
         def progress(r: JobResult) -> None:

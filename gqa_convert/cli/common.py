@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,27 +16,6 @@ from rich.markup import escape
 from ..errors import EXIT_INTERRUPTED, ConversionError
 
 console = Console(stderr=True, highlight=False)
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (decimal, as transformers counts), '2GiB' -> 2**31, '1000' -> 1000."""
-    m = _SIZE.match(text)
-    if not m:
-        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
 def fail(message: str, code: int) -> typer.Exit:

@@ -10,11 +10,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..converter import ConvertReport, convert
-from ..kvcache import human_bytes
+from ..architectures.kvcache import human_bytes
+from ..conversion import ConversionPlan, ConvertReport, convert
 from ..methods import METHODS
-from ..plan import ConversionPlan
-from .common import console, parse_size, print_json, user_errors
+from ..options import DEFAULT_CALIB_TOKENS, DEFAULT_MAX_SHARD
+from .common import console, print_json, user_errors
+from .options import Force, Json, Quiet, Revision, TrustRemoteCode
 
 EPILOG = """[bold]Examples[/]
 
@@ -54,6 +55,8 @@ def _summary(r: ConvertReport) -> Table:
     t.add_row("size", f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} in {len(r.shards)} shard(s)")
     if not r.dry_run:
         t.add_row("time", f"{r.seconds:.1f} s")
+    for note in r.notes:
+        t.add_row("[bold yellow]note[/]", escape(note))
     for stale in r.removed_stale:
         t.add_row("cleaned", f"removed a stale temporary directory from an interrupted run: {escape(stale)}")
     return t
@@ -116,7 +119,10 @@ def convert_command(
         rich_help_panel="Method",
     ),
     calib_tokens: int = typer.Option(
-        32768, "--calib-tokens", help="Tokens of --calib to run through the model.", rich_help_panel="Method"
+        DEFAULT_CALIB_TOKENS,
+        "--calib-tokens",
+        help="Tokens of --calib to run through the model.",
+        rich_help_panel="Method",
     ),
     calib_separator: Optional[str] = typer.Option(
         None,
@@ -124,12 +130,7 @@ def convert_command(
         help="Document separator in --calib text files [default: blank lines].",
         rich_help_panel="Method",
     ),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Allow calibration to run a model whose config asks for custom code.",
-        rich_help_panel="Method",
-    ),
+    trust_remote_code: TrustRemoteCode = False,
     out: Optional[Path] = typer.Option(
         None,
         "--out",
@@ -137,33 +138,22 @@ def convert_command(
         help="Output directory [default: beside the source, named SOURCE-gqaG or SOURCE-mqa].",
         rich_help_panel="Output",
     ),
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Replace an existing output (only once the new one is complete).",
-        rich_help_panel="Output",
-    ),
+    force: Force = False,
     max_shard_size: str = typer.Option(
-        "5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB.", rich_help_panel="Output"
-    ),
-    revision: Optional[str] = typer.Option(
-        None,
-        "--revision",
-        help="Hub revision (branch, tag or commit) when MODEL is a hub id.",
+        DEFAULT_MAX_SHARD,
+        "--max-shard-size",
+        help="Largest output shard, e.g. 5GB, 500MB, 2GiB.",
         rich_help_panel="Output",
     ),
+    revision: Revision = None,
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
         help="Print the plan (tensor shapes, KV saving, output size); write nothing.",
         rich_help_panel="Output",
     ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print a machine-readable report on stdout.", rich_help_panel="Output"
-    ),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="No progress bar or summary (errors are still printed).", rich_help_panel="Output"
-    ),
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Convert an MHA (or GQA) checkpoint to GQA-G or MQA by pooling K/V heads.
 
@@ -175,7 +165,6 @@ def convert_command(
     if groups is not None and mqa and groups != 1:
         raise typer.BadParameter("--mqa means --groups 1; give one or the other", param_hint="--mqa")
     n_groups = 1 if mqa else groups
-    shard_bytes = parse_size(max_shard_size)
     progress = Progress(
         TextColumn("[bold]converting"),
         BarColumn(),
@@ -205,7 +194,7 @@ def convert_command(
                 out=out,
                 method=method,
                 seed=seed,
-                max_shard_size=shard_bytes,
+                max_shard_size=max_shard_size,
                 force=force,
                 dry_run=dry_run,
                 revision=revision,

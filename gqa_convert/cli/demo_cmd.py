@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..demo import DemoReport, run_demo
 from .common import console, print_json, user_errors
+from .options import Json
 
 EPILOG = """[bold]Examples[/]
 
@@ -50,7 +51,7 @@ def demo_command(
     cache_dir: Optional[Path] = typer.Option(
         None, "--cache-dir", help="Where the trained demo model is cached [default: ~/.cache/gqa-convert]."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    json_out: Json = False,
 ) -> None:
     """Train a small MHA model offline (cached), convert it with every method at several G,
     verify each, uptrain the MQA model briefly, and print a GQA-paper-style table."""

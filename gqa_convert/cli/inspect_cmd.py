@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ..inspector import InspectReport, inspect_model
-from ..kvcache import human_bytes
+from ..architectures.kvcache import human_bytes
+from ..evaluation import InspectReport, inspect_model
 from .common import console, print_json, user_errors
+from .options import Json, Revision
 
 EPILOG = """[bold]Examples[/]
 
@@ -19,9 +21,9 @@ Reads config.json and the safetensors headers only; no weights are loaded."""
 
 
 def render(r: InspectReport) -> None:
-    t = Table(title=r.path, title_justify="left", show_header=False)
-    t.add_row("family", f"{r.family or '-'} ({r.model_type}); {r.layout or ''}")
-    t.add_row("conversion", r.conversion)
+    t = Table(title=escape(r.path), title_justify="left", show_header=False)
+    t.add_row("family", escape(f"{r.family or '-'} ({r.model_type}); {r.layout or ''}"))
+    t.add_row("conversion", escape(r.conversion))
     if r.n_heads:
         t.add_row(
             "shape",
@@ -36,7 +38,9 @@ def render(r: InspectReport) -> None:
             o.add_column(col, justify="right")
         for opt in r.options:
             o.add_row(
-                str(opt.groups) + (" (MQA)" if opt.groups == 1 else " (now)" if opt.groups == r.n_kv_heads else ""),
+                str(opt.groups)
+                + (" (MQA)" if opt.groups == 1 else " (now)" if opt.groups == r.n_kv_heads else "")
+                + (" --emulate" if opt.emulated else ""),
                 human_bytes(opt.kv_bytes_per_token),
                 human_bytes(opt.kv_bytes_at["4096"]),
                 human_bytes(opt.kv_bytes_at["32768"]),
@@ -48,8 +52,8 @@ def render(r: InspectReport) -> None:
 
 def inspect_command(
     model: str = typer.Argument(..., help="A local model directory or a hub id."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    revision: Revision = None,
+    json_out: Json = False,
 ) -> None:
     """Show a checkpoint's attention layout and, for every valid G, the KV cache it would need."""
     with user_errors():

@@ -9,9 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..kvcache import human_bytes
-from ..uptrainer import StepInfo, UptrainOptions, UptrainReport, uptrain
-from .common import console, parse_size, print_json, user_errors
+from ..architectures.kvcache import human_bytes
+from ..options import DEFAULT_MAX_SHARD, check
+from ..training import StepInfo, UptrainOptions, UptrainReport, uptrain
+from .common import console, print_json, user_errors
+from .options import Force, Json, Quiet, Separator, TextField, TrustRemoteCode
 
 EPILOG = """[bold]Examples[/]
 
@@ -53,7 +55,8 @@ def uptrain_command(
         ...,
         "--data",
         "-d",
-        help="Training text: plain text files (documents split on blank lines or --separator), .jsonl, or .npy token arrays. Repeat for several.",
+        help="Training text: plain text files (documents split on blank lines, or on every --separator), .jsonl, "
+        "or .npy arrays of token ids. Repeat for several.",
         rich_help_panel="Data",
     ),
     out: Path = typer.Option(
@@ -63,15 +66,8 @@ def uptrain_command(
         help="Output directory (a complete checkpoint, written at the end).",
         rich_help_panel="Output",
     ),
-    separator: Optional[str] = typer.Option(
-        None,
-        "--separator",
-        help="Document separator line in text files [default: blank lines].",
-        rich_help_panel="Data",
-    ),
-    text_field: str = typer.Option(
-        "text", "--text-field", help="Field holding the text in .jsonl files.", rich_help_panel="Data"
-    ),
+    separator: Separator = None,
+    text_field: TextField = "text",
     eval_data: Optional[list[str]] = typer.Option(
         None, "--eval-data", help="Held-out text for perplexity before, during and after.", rich_help_panel="Data"
     ),
@@ -136,8 +132,11 @@ def uptrain_command(
         False, "--lora", help="Train LoRA adapters (peft) and merge them back at the end.", rich_help_panel="LoRA"
     ),
     lora_rank: int = typer.Option(16, "--lora-rank", rich_help_panel="LoRA"),
-    lora_targets: str = typer.Option(
-        "q_proj,k_proj,v_proj,o_proj", "--lora-targets", help="Comma-separated module names.", rich_help_panel="LoRA"
+    lora_targets: Optional[str] = typer.Option(
+        None,
+        "--lora-targets",
+        help="Comma-separated module names [default: the family's attention projections].",
+        rich_help_panel="LoRA",
     ),
     load_in_4bit: bool = typer.Option(
         False, "--load-in-4bit", help="4-bit base under LoRA (GPU only, bitsandbytes).", rich_help_panel="LoRA"
@@ -151,22 +150,25 @@ def uptrain_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run from its last saved state.", rich_help_panel="Output"
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out.", rich_help_panel="Output"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", rich_help_panel="Output"),
+    force: Force = False,
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD, "--max-shard-size", rich_help_panel="Output"),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
         help="Print parameters, memory per GPU, tokens and time; train nothing.",
         rich_help_panel="Output",
     ),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", rich_help_panel="Output"),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print the report as JSON on stdout.", rich_help_panel="Output"
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel="Output"),
+    trust_remote_code: TrustRemoteCode = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Recover quality after conversion by continued pre-training (GQA paper, section 2.1)."""
-    parse_size(max_shard_size)
+    """Recover quality after conversion by continued pre-training (GQA paper, section 2.1).
+
+    Every option, the data and the output path are checked before a model is loaded. An
+    --emulate checkpoint keeps its repeated K/V heads tied while it trains (it stays GQA).
+    """
+    with user_errors():
+        check(tokens=tokens, pretrain_tokens=pretrain_tokens)  # floats on the command line (1e9)
     opts = UptrainOptions(
         data=data,
         out=out,
@@ -194,7 +196,7 @@ def uptrain_command(
         compile=compile,
         lora=lora,
         lora_rank=lora_rank,
-        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None,
         load_in_4bit=load_in_4bit,
         save_every=save_every,
         resume=resume,

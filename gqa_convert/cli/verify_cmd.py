@@ -9,10 +9,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..architectures.kvcache import human_bytes
 from ..errors import EXIT_FAILURE
-from ..kvcache import human_bytes
-from ..verifier import DEFAULT_MAX_TOKENS, VerifyReport, verify
+from ..evaluation import VerifyReport, verify
+from ..options import DEFAULT_VERIFY_TOKENS
 from .common import console, print_json, user_errors
+from .options import Data, Json, Quiet, Separator, TextField, TrustRemoteCode
 
 EPILOG = """[bold]Examples[/]
 
@@ -33,8 +35,8 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 def render(r: VerifyReport) -> None:
     checks = Table(title="integrity", title_justify="left", show_header=False)
-    for c in r.checks:
-        checks.add_row("[green]ok[/]" if c.passed else "[red]FAIL[/]", c.name, c.detail)
+    for c in r.checks:  # a failed check stops verify with its message instead
+        checks.add_row("[green]ok[/]", c.name, escape(c.detail))
     console.print(checks)
     models = [m for m in (r.reference, r.converted) if m is not None]
     t = Table(title="perplexity and KV cache", title_justify="left")
@@ -64,11 +66,19 @@ def render(r: VerifyReport) -> None:
             else []
         )
         t.add_row(label, *[_fmt(v, spec) for v in vals], *extra)
-    t.add_row("KV heads", *[str(m.kv_heads) for m in models], *([""] if r.reference else []))
+    t.add_row(
+        "KV heads",
+        *[f"{m.kv_heads} (emulated: repeated)" if m.emulated else str(m.kv_heads) for m in models],
+        *([""] if r.reference else []),
+    )
     t.add_row(
         "KV cache / token",
         *[human_bytes(m.kv_bytes_per_token) if m.kv_bytes_per_token else "-" for m in models],
-        *([f"saves {r.kv_saving:.1%}" if r.kv_saving is not None else ""] if r.reference else []),
+        *(
+            [f"saves {r.kv_saving:.1%}" + (" (emulated: no memory saved)" if r.converted.emulated else "")]
+            if r.reference
+            else []
+        ),
     )
     for c, _ in (r.converted.kv_at_context or {}).items():
         t.add_row(
@@ -81,13 +91,11 @@ def render(r: VerifyReport) -> None:
         s = r.settings
         console.print(
             f"[dim]settings: {s.get('tokens_in_stream', '-')} tokens in stream, seq-len {s.get('seq_len')}, "
-            f"stride {s.get('stride')}, {s.get('bos')}, {s.get('dtype')} on {s.get('device')}, "
+            f"stride {s.get('stride')} ({s.get('scheme')}), {s.get('bos')}, {s.get('dtype')} on {s.get('device')}, "
             f"documents split on {s.get('separator')}[/]"
         )
         for d in r.data:
-            console.print(
-                f"[dim]data: {escape(d.spec)} ({d.documents} documents, {d.bytes} bytes, sha256 {d.sha256[:12]}…)[/]"
-            )
+            console.print(f"[dim]data: {escape(d.spec)} ({d.bytes} bytes, sha256 {d.sha256[:12]}…)[/]")
     for m in models:
         if m.sample is not None:
             console.print(f"[bold]{m.role}[/] {escape(repr(r.settings.get('prompt', '')))} -> {escape(repr(m.sample))}")
@@ -111,24 +119,11 @@ def verify_command(
         help="Measure the converted model alone, even if a manifest names a source.",
         rich_help_panel="Data",
     ),
-    data: Optional[list[str]] = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="Text file(s): plain text (documents split on blank lines or --separator), .jsonl with a text field, or 'wikitext-2' (needs `datasets` and the network or its cache). Repeat for several.",
-        rich_help_panel="Data",
-    ),
-    separator: Optional[str] = typer.Option(
-        None,
-        "--separator",
-        help="Document separator in plain text files, e.g. '<|endoftext|>' [default: blank lines].",
-        rich_help_panel="Data",
-    ),
-    text_field: str = typer.Option(
-        "text", "--text-field", help="Field holding the text in .jsonl files.", rich_help_panel="Data"
-    ),
+    data: Data = None,
+    separator: Separator = None,
+    text_field: TextField = "text",
     max_tokens: int = typer.Option(
-        DEFAULT_MAX_TOKENS,
+        DEFAULT_VERIFY_TOKENS,
         "--max-tokens",
         help="Tokens of data to use (the stream is cut there).",
         rich_help_panel="Data",
@@ -174,21 +169,15 @@ def verify_command(
         rich_help_panel="Checks",
     ),
     prompt: str = typer.Option("Once upon a time", "--prompt", help="Prompt for --generate.", rich_help_panel="Checks"),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Allow checkpoints whose config asks for custom model code (auto_map).",
-        rich_help_panel="Checks",
-    ),
-    json_out: bool = typer.Option(
-        False, "--json", help="Print every figure as JSON on stdout.", rich_help_panel="Output"
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables.", rich_help_panel="Output"),
+    trust_remote_code: TrustRemoteCode = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Check a converted checkpoint: integrity, perplexity against its source, KV cache saving.
 
     Integrity comes first (index and shards agree, shapes match config.json, no NaN/Inf,
-    loads with AutoModelForCausalLM); then both models score exactly the same tokens.
+    loads with the family's Auto class); then both models score exactly the same tokens.
+    Encoder-decoder models (T5) are scored on each window's second half given its first.
     """
     progress = Progress(
         TextColumn("[bold]scoring {task.description}"),

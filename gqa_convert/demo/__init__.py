@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from ..converter import convert
-from ..integrity import quiet_transformers
+from ..conversion import convert
+from ..evaluation import verify
+from ..io.hf import quiet_transformers
 from ..methods import METHODS
-from ..training import train
-from ..uptrainer import UptrainOptions, uptrain
-from ..verifier import verify
+from ..training import UptrainOptions, uptrain
+from ..training.loop import train
 from . import corpus
 
 DEMO_VERSION = 1  # bump when the model or corpus recipe changes, to retrain the cache
@@ -203,18 +203,15 @@ def run_demo(
         "ppl_ratio_before": before["ppl_ratio"],
         "ppl_ratio_after": v.ppl_ratio,
     }
-    try:
-        from ..plots import plot_quality
+    from ..evaluation.plots import plot_quality
 
-        report.plot = str(out / "demo.png")
-        plot_quality(
-            report.rows,
-            Path(report.plot),
-            "gqa-convert demo: quality after conversion",
-            extra={f"mean, MQA + {s.uptrain_steps} uptraining steps": v.ppl_ratio},
-        )
-    except ImportError:
-        report.plot = None
+    report.plot = str(out / "demo.png")
+    plot_quality(
+        report.rows,
+        Path(report.plot),
+        "gqa-convert demo: quality after conversion",
+        extra={f"mean, MQA + {s.uptrain_steps} uptraining steps": v.ppl_ratio},
+    )
     report.seconds = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -52,6 +52,14 @@ class OutputDir:
                 f"output {self.target} exists and is not a directory; remove it or choose another --out."
             )
 
+    def check_writable(self) -> None:
+        """Refuse, before any work, an output whose nearest existing parent cannot be written."""
+        parent = self.target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConversionError(f"cannot write in {parent}; choose another --out.")
+
     def _lock(self) -> None:
         parent = self.target.parent
         try:
@@ -135,20 +143,20 @@ _NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @contextmanager
-def writing_errors(target: Path) -> Iterator[None]:
+def writing_errors(target: Path, what: str = "") -> Iterator[None]:
     """An OSError while writing (disk full, file-size limit, permissions) becomes one clear
     message; OutputDir has already removed the temporary output by the time it is shown."""
     try:
         yield
     except OSError as e:
-        what = {
+        why = {
             errno.ENOSPC: "the disk is full",
             errno.EFBIG: "a file-size limit was hit",
             errno.EDQUOT: "the disk quota is exhausted",
         }.get(e.errno, e.strerror or str(e))
         code = EXIT_USAGE if e.errno in _NOT_ALLOWED else EXIT_FAILURE
         raise ConversionError(
-            f"writing {target} failed: {what} ({e.filename or 'output'}); the partial output was removed "
+            f"writing {target} failed{' while ' + what if what else ''}: {why} ({e.filename or 'output'}); the partial output was removed "
             "and nothing was left at the output path. Free space or choose another --out, then run again.",
             exit_code=code,
         ) from None

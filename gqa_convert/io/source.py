@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ConversionError
+from .paths import plain_name, require_regular
 from .safetensors_format import NAMES, TensorInfo, read_header, read_tensor
 
 ST_INDEX = "model.safetensors.index.json"
@@ -37,6 +38,7 @@ class Source:
     format: str  # "safetensors" or "bin"
     tensors: dict[str, TensorInfo]  # for .bin, begin/end are 0 and the data comes from _bin
     revision: str | None = None  # hub commit, when resolved through the hub
+    hub_id: str | None = None  # the hub id the user named; None for a local directory
     _bin: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> torch.Tensor:
@@ -49,6 +51,25 @@ class Source:
         if path not in self._bin:
             self._bin[path] = load_bin(path)
         return self._bin[path]
+
+    def same_values(self, a: str, b: str) -> bool:
+        """Whether tensors `a` and `b` hold the same dtype, shape and bytes (read in chunks)."""
+        ta, tb = self.tensors[a], self.tensors[b]
+        if (ta.dtype, ta.shape) != (tb.dtype, tb.shape):
+            return False
+        if self.format != "safetensors":
+            return bool(torch.equal(self.read(a), self.read(b)))
+        chunk = 16 << 20
+        with open(ta.path, "rb") as fa, open(tb.path, "rb") as fb:
+            fa.seek(ta.begin)
+            fb.seek(tb.begin)
+            left = ta.nbytes
+            while left:
+                n = min(chunk, left)
+                if fa.read(n) != fb.read(n):
+                    return False
+                left -= n
+        return True
 
     @property
     def total_bytes(self) -> int:
@@ -79,21 +100,35 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def resolve(spec: str, revision: str | None = None) -> tuple[Path, str | None]:
+@dataclass(frozen=True)
+class Location:
+    """Where a model named by the user lives: a local directory, or a hub snapshot."""
+
+    root: Path
+    hub_id: str | None = None  # None: the user named a local directory
+    revision: str | None = None  # the hub commit of the snapshot
+
+
+def is_local(spec: str | os.PathLike[str]) -> bool:
+    """A model spec names a local path when that path exists; otherwise it is a hub id.
+    This is the one place that decides it."""
+    return Path(spec).expanduser().exists()
+
+
+def resolve(spec: str | os.PathLike[str], revision: str | None = None) -> Location:
     """A local directory for `spec`: the path itself, or a hub snapshot (honours
-    HF_HUB_OFFLINE and the local cache). Returns (directory, hub revision or None)."""
+    HF_HUB_OFFLINE and the local cache)."""
+    spec = str(spec)
     path = Path(spec).expanduser()
-    if path.exists():
+    if is_local(spec):
         if not path.is_dir():
             raise ConversionError(f"{spec}: is a file; MODEL must be a checkpoint directory (with config.json)")
-        return path.resolve(), None
+        return Location(path.resolve())
     if not _REPO_ID.match(spec) or spec.startswith((".", "~")):
         raise ConversionError(f"{spec}: no such directory (and not a hub model id)")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise ConversionError(f"{spec}: no such directory") from None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
     try:
         local = Path(snapshot_download(spec, revision=revision, allow_patterns=HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):
@@ -107,36 +142,46 @@ def resolve(spec: str, revision: str | None = None) -> tuple[Path, str | None]:
         raise ConversionError(
             f"{spec}: no such directory, and the hub lookup failed: {str(e).splitlines()[0]}"
         ) from None
-    return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision
+    return Location(local, spec, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision)
+
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file, parsed; every way it can be bad is a one-line ConversionError."""
+    require_regular(path, what)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConversionError(f"{path}: {path.stat().st_size} bytes, too large for {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConversionError(f"{path}: nested too deeply to be {what}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({str(e)[:160]})") from None
 
 
 def read_config(root: Path) -> dict[str, Any]:
     path = root / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConversionError(f"{root}: not a Hugging Face model directory (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return config
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise ConversionError(f"{path}: not a valid index (expected JSON with a 'weight_map' object)") from None
+    data = read_json(path, "an index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{path}: not a valid index (expected JSON with a 'weight_map' object)")
+    for name, file in weight_map.items():
+        plain_name(file, f"{path.name}: tensor {str(name)[:80]!r}")
     return weight_map
 
 
-def _check_shards(root: Path, index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
-    by_file: dict[str, set[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, set()).add(name)
+def _check_shards(index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
     for name, file in weight_map.items():
         if name not in found:
             raise ConversionError(f"{index.name}: lists tensor {name!r} in {file}, but {file} does not hold it")
@@ -182,21 +227,24 @@ def _weight_files(root: Path) -> tuple[str, list[Path], Path | None]:
     """(format, files, index path or None) for the weights in `root`."""
     for index_name, fmt in ((ST_INDEX, "safetensors"), (BIN_INDEX, "bin")):
         index = root / index_name
-        if index.is_file():
+        if index.exists() or index.is_symlink():
             weight_map = _read_index(index)
             names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (root / n).is_file()]
+            missing = [n for n in names if not (root / n).exists()]
             if missing:
                 raise ConversionError(
                     f"{index}: names shard {missing[0]}, which is not there"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                     + "; the download is incomplete, fetch the missing files."
                 )
+            for n in names:
+                require_regular(root / n, "a weight shard")
             return fmt, [root / n for n in names], index
     for single, fmt in ((ST_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
-        if (root / single).is_file():
+        if (root / single).exists():
+            require_regular(root / single, "the weights")
             return fmt, [root / single], None
-    shards = sorted(root.glob("*.safetensors"))
+    shards = sorted(p for p in root.iterdir() if p.name.endswith(".safetensors") and not p.name.startswith("."))
     if len(shards) == 1:
         return "safetensors", shards, None
     if len(shards) > 1:
@@ -212,7 +260,8 @@ def open_source(
 ) -> Source:
     """Resolve and index a checkpoint; raises ConversionError for anything a user can fix.
     `check_config` runs on config.json before any weight file is looked at."""
-    root, rev = resolve(str(spec), revision)
+    where = resolve(spec, revision)
+    root = where.root
     config = read_config(root)
     if check_config is not None:
         check_config(config)
@@ -220,5 +269,5 @@ def open_source(
     bin_state: dict[Path, dict[str, torch.Tensor]] = {}
     tensors = _index_safetensors(files) if fmt == "safetensors" else _index_bin(files, bin_state)
     if index is not None:
-        _check_shards(root, index, _read_index(index), tensors)
-    return Source(str(spec), root, config, files, fmt, tensors, rev, bin_state)
+        _check_shards(index, _read_index(index), tensors)
+    return Source(str(spec), root, config, files, fmt, tensors, where.revision, where.hub_id, bin_state)

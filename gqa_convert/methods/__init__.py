@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..architectures import KV_ROLES, HeadShape
+from ..architectures.rope import Rope, rope_layout
 from ..errors import ConversionError
-from .fold import FoldProblem, Rope, rope_layout
+from .fold import FoldProblem
 from .pooling import first_heads, pool_heads, random_heads
 
 

@@ -1,7 +1,11 @@
 """Perplexity of fixed-length models with a sliding window (as in the Hugging Face guide):
 every token of the stream is scored at most once, with up to seq_len - 1 tokens of
 context. Windows of equal shape are batched, only the scored positions go through the
-LM head, and log-softmax runs in float32 (fp16 losses overflow otherwise)."""
+LM head, and log-softmax runs in float32 (fp16 losses overflow otherwise).
+
+Encoder-decoder families (T5) are scored as their family's objective says: the stream is
+cut into windows of seq_len tokens; the encoder reads each window's first half and the
+decoder, with teacher forcing, is scored on its second half."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..architectures import Family
+from ..architectures.objectives import predict
 
 
 @dataclass(frozen=True)
@@ -121,23 +128,51 @@ def score_stream(
     return Score(sum(r[0] for r in results), sum(r[1] for r in results))
 
 
-def build_stream(tokenizer, documents: list[str], max_tokens: int, bos: bool) -> tuple[torch.Tensor, int, int]:
-    """Tokenize documents into one stream (BOS before each when `bos`), cut at max_tokens.
-    Returns (ids, UTF-8 bytes, words) of the text the stream covers."""
-    ids: list[int] = []
-    n_bytes = n_words = 0
-    bos_id = tokenizer.bos_token_id
-    for doc in documents:
-        toks = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if bos and bos_id is not None:
-            toks = [bos_id, *toks]
-        room = max_tokens - len(ids)
-        if len(toks) > room:  # a partial last document: count the text its tokens cover
-            toks = toks[:room]
-            doc = tokenizer.decode(toks, skip_special_tokens=True)
-        ids.extend(toks)
-        n_bytes += len(doc.encode("utf-8"))
-        n_words += len(doc.split())
-        if len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids, dtype=torch.long), n_bytes, n_words
+@torch.inference_mode()
+def _seq2seq_nll(model: torch.nn.Module, family: Family, x: torch.Tensor) -> tuple[float, int]:
+    logits, targets = predict(model, family, x)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+    return nll, targets.numel()
+
+
+def score_seq2seq(
+    model: torch.nn.Module,
+    family: Family,
+    ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    on_tokens=lambda n: None,
+) -> Score:
+    """Sum of NLLs of every window's second half, given its first half (see the module doc)."""
+    if seq_len < 4:
+        raise ValueError("seq2seq scoring needs windows of at least 4 tokens")
+    starts = [b for b in range(0, len(ids), seq_len) if len(ids) - b >= 4]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for b in starts:
+        by_len[min(seq_len, len(ids) - b)].append(b)
+    nll, count = 0.0, 0
+    for length, group in by_len.items():
+        for i in range(0, len(group), batch_size):
+            x = torch.stack([ids[b : b + length] for b in group[i : i + batch_size]]).to(device)
+            n, c = _seq2seq_nll(model, family, x)
+            nll, count = nll + n, count + c
+            on_tokens(c)
+    return Score(nll, count)
+
+
+def score(
+    model: torch.nn.Module,
+    family: Family,
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    on_tokens=lambda n: None,
+    workers: int | None = None,
+) -> Score:
+    """The family's own scoring scheme: sliding windows for causal models, split windows for seq2seq."""
+    if family.objective == "seq2seq":
+        return score_seq2seq(model, family, ids, seq_len, batch_size, device, on_tokens)
+    return score_stream(model, ids, seq_len, stride, batch_size, device, on_tokens, workers)

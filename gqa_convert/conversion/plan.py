@@ -1,12 +1,14 @@
 """The conversion plan: every output tensor's name, dtype and shape, where its bytes come
-from, and how they are sharded — all computed from headers before any weight is read."""
+from, and how they are sharded — all computed from headers before any weight is read.
+A plan is immutable: what happens while converting is recorded elsewhere (stream.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
-from .architectures import (
+from ..architectures import (
     KV_ROLES,
     Family,
     HeadShape,
@@ -18,24 +20,27 @@ from .architectures import (
     normalises_keys,
     required_roles,
     rotary_dims,
+    valid_groups,
 )
-from .architectures.layouts import fused_rows
-from .errors import ConversionError
-from .io.safetensors_format import itemsize
-from .io.source import Source
-from .io.writer import OutTensor, plan_shards
-from .kvcache import kv_bytes_per_token
-from .methods import Method, get_method
-from .methods.fold import Rope, rope_layout
+from ..architectures.kvcache import kv_bytes_per_token
+from ..architectures.layouts import fused_rows
+from ..architectures.rope import Rope, rope_layout
+from ..errors import ConversionError
+from ..io.safetensors_format import itemsize
+from ..io.source import Source
+from ..io.writer import OutTensor, plan_shards
+from ..methods import Method, get_method
+from ..options import parse_size
 
 GROUPINGS = ("contiguous", "search")
 
-DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' "5GB"
 
-
-@dataclass
+@dataclass(frozen=True)
 class LayerPlan:
-    layer: int
+    """One attention block: T5's decoder has two per layer, every other family one."""
+
+    layer: int  # index into plan.layers
+    prefix: str  # the block's tensor-name prefix, e.g. "model.layers.3.self_attn."
     inputs: dict[str, list[str]]  # role -> source tensor names (one per head for "{head}" roles)
     outputs: dict[str, list[OutTensor]]  # role -> output tensors, same order
 
@@ -44,7 +49,7 @@ class LayerPlan:
         return [n for names in self.inputs.values() for n in names]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConversionPlan:
     source: Source
     family: Family
@@ -52,24 +57,23 @@ class ConversionPlan:
     n_groups: int
     method: Method
     seed: int
-    layers: list[LayerPlan]
-    order: list[OutTensor]  # output tensors in write order
+    layers: tuple[LayerPlan, ...]
+    order: tuple[OutTensor, ...]  # output tensors in write order
     emit_after: dict[str, int]  # source tensor name -> layer whose outputs are written after reading it
-    dropped: list[str]  # source tensors not written (a tied lm_head)
-    shards: list[list[OutTensor]]
+    dropped: tuple[str, ...]  # source tensors not written (a tied lm_head)
+    shards: tuple[tuple[OutTensor, ...], ...]
     config_out: dict[str, Any]
     kv_dtype: str
-    attn_prefix: str
+    attn_prefix: str  # the first block's prefix template, as the checkpoint names it
     grouping: str = "contiguous"  # or "search"
     rope: Rope | None = None
     key_norm: bool = False
-    calibration: Any = None  # calibrate.Calibration, when --calib was given
-    groupings: dict[int, list[list[int]]] = field(default_factory=dict)  # filled in as layers convert
     emulate: bool = False  # K/V heads pooled, then repeated back to the source's count
     layout_in: str | None = None  # fused QKV layout of the source (None: separate projections)
     layout_out: str | None = None
     transposed_out: tuple[str, ...] = ()  # roles written as Conv1D (in, out)
-    transpose_copies: set[str] = field(default_factory=set)  # non-attention tensors written transposed
+    transpose_copies: frozenset[str] = frozenset()  # non-attention tensors written transposed
+    notes: tuple[str, ...] = ()  # what changes beyond K/V, said in the summary, card and manifest
 
     @property
     def bytes_in(self) -> int:
@@ -84,10 +88,6 @@ class ConversionPlan:
         conversion still caches every head)."""
         n_kv = self.shape.n_kv_heads if n_kv is None or self.emulate else n_kv
         return kv_bytes_per_token(self.shape.n_layers, n_kv, self.shape.head_dim, itemsize(self.kv_dtype))
-
-
-def valid_groups(n_heads: int, n_kv: int) -> list[int]:
-    return [g for g in range(1, n_kv + 1) if n_heads % g == 0 and n_kv % g == 0]
 
 
 def check_support(family: Family, config: dict[str, Any], n_groups: int, shape: HeadShape, emulate: bool) -> None:
@@ -119,8 +119,21 @@ def _check_sibling(family: Family, config: dict[str, Any], n_groups: int, emulat
             raise ConversionError(f"--sibling: this {family.name} sets {key}, which {sib['name']} does not implement")
 
 
+def check_unquantized(config: dict[str, Any], where: object) -> None:
+    """A quantized checkpoint's K/V are codes and scales, not values: pooling them is garbage."""
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise ConversionError(
+            f"{where}: a quantized checkpoint ({str(method)[:40]}); its K/V weights cannot be pooled. Convert the "
+            "unquantized checkpoint (and quantize the output afterwards), or dequantize this one first."
+        )
+
+
 def check_groups(n_groups: int, shape: HeadShape) -> None:
     choices = ", ".join(map(str, valid_groups(shape.n_heads, shape.n_kv_heads)))
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int):
+        raise ConversionError(f"--groups must be a whole number (got {str(n_groups)[:40]}); choose one of {choices}.")
     if n_groups < 1:
         raise ConversionError(f"--groups must be at least 1 (got {n_groups}); choose one of {choices}.")
     if n_groups > shape.n_kv_heads:
@@ -138,19 +151,40 @@ def check_groups(n_groups: int, shape: HeadShape) -> None:
         )
 
 
-def _attn_prefix(family: Family, source: Source) -> str:
-    for template in family.blocks or family.attn_prefixes:
-        if template.format(layer=0) + family.roles[key_role(family)] in source.tensors:
-            return template
-    expected = family.attn_prefixes[0].format(layer=0) + family.roles[key_role(family)]
+def block_templates(family: Family, source: Source) -> tuple[str, ...]:
+    """The attention block prefixes as this checkpoint names them: with the base model's
+    prefix (a *ForCausalLM checkpoint) or without it (a checkpoint saved from the base model)."""
+    key = family.roles[key_role(family)]
+    stripped = tuple(t.removeprefix(family.base_prefix) for t in family.attn)
+    for templates in (family.attn, stripped):
+        if templates[0].format(layer=0) + key in source.tensors:
+            return templates
     raise ConversionError(
-        f"{source.root}: no tensor {expected!r}; this checkpoint's attention layout does not match "
-        f"the {family.name} family (fused or renamed projections are not supported yet)."
+        f"{source.root}: no tensor {family.attn[0].format(layer=0) + key!r}; this checkpoint's attention layout "
+        f"does not match the {family.name} family (fused or renamed projections are not supported yet)."
     )
 
 
-def _layer_inputs(family: Family, template: str, layer: int, shape: HeadShape, source: Source) -> dict[str, list[str]]:
-    prefix = template.format(layer=layer)
+def _check_layer_count(family: Family, template: str, shape: HeadShape, source: Source) -> None:
+    """Compare config's layer count with the tensors before anything is allocated per layer
+    (a config may claim a billion layers)."""
+    key = family.roles[key_role(family)]
+    pattern = re.compile(re.escape(template).replace(re.escape("{layer}"), r"(\d+)") + re.escape(key))
+    present = len({m.group(1) for name in source.tensors if (m := pattern.fullmatch(name))})
+    last = template.format(layer=shape.n_layers - 1) + key
+    extra = template.format(layer=shape.n_layers) + key
+    if shape.n_layers > present or last not in source.tensors:
+        raise ConversionError(
+            f"config.json says {shape.n_layers} layers, but the checkpoint holds attention tensors for {present}; "
+            "the config does not belong to these weights (or shards are missing)."
+        )
+    if extra in source.tensors:
+        raise ConversionError(
+            f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent."
+        )
+
+
+def _layer_inputs(family: Family, prefix: str, shape: HeadShape, source: Source) -> dict[str, list[str]]:
     inputs: dict[str, list[str]] = {}
     for role, rel in family.roles.items():
         if "{head}" in rel:
@@ -174,7 +208,11 @@ def _axis(family: Family, role: str, axis: int) -> int:
     return 1 - axis if role in family.transposed else axis
 
 
-def _check_shapes(
+# dtypes whose values can be pooled: a quantized or integer tensor cannot be averaged.
+_POOLABLE = ("F64", "F32", "F16", "BF16")
+
+
+def _check_tensors(
     inputs: dict[str, list[str]], shape: HeadShape, source: Source, family: Family, layout: str | None
 ) -> None:
     kv_key = family.kv_heads_key
@@ -195,6 +233,23 @@ def _check_shapes(
                 f"(heads={shape.n_heads}, {kv_key}={shape.n_kv_heads}, head_dim={shape.head_dim} "
                 f"means {size} along axis {axis}); the config does not belong to these weights."
             )
+    for role in ("q.weight", "qkv.weight"):
+        if role in inputs:
+            info = source.tensors[inputs[role][0]]
+            width = info.shape[_axis(family, role, 1)] if len(info.shape) == 2 else None
+            if width != shape.hidden:
+                raise ConversionError(
+                    f"{info.name}: shape {list(info.shape)} disagrees with config.json's hidden size {shape.hidden}; "
+                    "the config does not belong to these weights."
+                )
+    for names in inputs.values():
+        for name in names:
+            info = source.tensors[name]
+            if info.dtype not in _POOLABLE:
+                raise ConversionError(
+                    f"{name}: stored as {info.dtype}, a quantized or integer tensor that cannot be pooled; "
+                    "convert the unquantized (float) checkpoint, or dequantize this one first."
+                )
 
 
 def _role_outputs(
@@ -225,10 +280,40 @@ def _role_outputs(
     return [OutTensor(info.name, info.dtype, (info.shape[0] * g // n_kv, *info.shape[1:]))]
 
 
-def _source_order(source: Source) -> list[str]:
+def source_order(source: Source) -> list[str]:
     """Tensor names in the order their bytes lie on disk (sequential reads)."""
     file_rank = {p: i for i, p in enumerate(source.weight_files)}
     return sorted(source.tensors, key=lambda n: (file_rank[source.tensors[n].path], source.tensors[n].begin, n))
+
+
+def _head_names(family: Family, source: Source) -> tuple[str | None, str | None]:
+    """(embedding, output head) tensor names as this checkpoint stores them."""
+
+    def find(name: str) -> str | None:
+        for candidate in (name, name.removeprefix(family.base_prefix)):
+            if candidate in source.tensors:
+                return candidate
+        return None
+
+    return find(family.embed), find(family.lm_head)
+
+
+def _tied_head(family: Family, source: Source) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(tensors to drop, notes, config changes) for the output head. A head stored beside a
+    tied embedding is dropped only if it equals the embedding; otherwise it is kept and the
+    output's config unties them, so the output computes what the source computes."""
+    if source.config.get("tie_word_embeddings") is not True:
+        return [], [], {}
+    embed, head = _head_names(family, source)
+    if head is None:
+        return [], [], {}
+    if embed is not None and source.same_values(embed, head):
+        return [head], [], {}  # tied: transformers re-ties it on load
+    note = (
+        f"config.json ties the output head to the embedding, but {head} holds other values; "
+        "the output keeps it and sets tie_word_embeddings: false, as transformers computes the source"
+    )
+    return [], [note], {"tie_word_embeddings": False}
 
 
 def build_plan(
@@ -237,21 +322,26 @@ def build_plan(
     method: str = "mean",
     *,
     seed: int = 0,
-    max_shard_size: int = DEFAULT_MAX_SHARD,
+    max_shard_size: int | str = "5GB",
     grouping: str = "contiguous",
     emulate: bool = False,
     sibling: bool = False,
 ) -> ConversionPlan:
     """Check everything that can be checked without reading weights, and plan the output."""
     family = family_for(source.config)
+    check_unquantized(source.config, source.root)
     shape = head_shape(family, source.config, f"{source.root / 'config.json'}")
+    templates = block_templates(family, source)
+    _check_layer_count(family, templates[0], shape, source)
+    first = _layer_inputs(family, templates[0].format(layer=0), shape, source)
+    layout_in = fused_layout(family, source.config)
+    _check_tensors(first, shape, source, family, layout_in)  # before any count drives a loop
     check_groups(n_groups, shape)
     if sibling:
         _check_sibling(family, source.config, n_groups, emulate)
     else:
         check_support(family, source.config, n_groups, shape, emulate)
     emulate = emulate and n_groups < shape.n_kv_heads
-    layout_in = fused_layout(family, source.config)
     layout_out = layout_in
     if layout_in and not emulate and not gqa_native(family, source.config) and n_groups == 1:
         layout_out = "concat"  # the family's multi-query layout
@@ -262,44 +352,34 @@ def build_plan(
     chosen = get_method(method)
     if grouping not in GROUPINGS:
         raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
-    if max_shard_size < 1:
-        raise ConversionError("--max-shard-size must be positive")
-    template = _attn_prefix(family, source)
-    # Most families have one attention block per layer; T5's decoder has two (self, cross).
-    blocks = [(layer, t) for layer in range(shape.n_layers) for t in (family.blocks or (template,))]
-    if family.blocks and grouping != "contiguous":
+    if len(family.attn) > 1 and grouping != "contiguous":
         raise ConversionError(f"--grouping {grouping} is not supported for {family.name} (per-head position biases)")
+    shard_bytes = parse_size(max_shard_size)
     layers: list[LayerPlan] = []
-    for layer, block in blocks:
-        inputs = _layer_inputs(family, block, layer, shape, source)
-        _check_shapes(inputs, shape, source, family, layout_in)
-        prefix = block.format(layer=layer)
-        outputs = {
-            role: _role_outputs(
-                role,
-                names,
-                family.roles[role],
-                prefix,
-                source,
-                shape.n_kv_heads,
-                g_out,
-                family,
-                shape,
-                layout_out,
-                transposed_out,
-            )
-            for role, names in inputs.items()
-        }
-        layers.append(LayerPlan(len(layers), inputs, outputs))
-    extra = template.format(layer=shape.n_layers) + family.roles[key_role(family)]
-    if extra in source.tensors:
-        raise ConversionError(
-            f"{extra!r} exists but config.json says {shape.n_layers} layers; the config is inconsistent."
-        )
+    for layer in range(shape.n_layers):
+        for template in templates:
+            prefix = template.format(layer=layer)
+            inputs = _layer_inputs(family, prefix, shape, source)
+            _check_tensors(inputs, shape, source, family, layout_in)
+            outputs = {
+                role: _role_outputs(
+                    role,
+                    names,
+                    family.roles[role],
+                    prefix,
+                    source,
+                    shape.n_kv_heads,
+                    g_out,
+                    family,
+                    shape,
+                    layout_out,
+                    transposed_out,
+                )
+                for role, names in inputs.items()
+            }
+            layers.append(LayerPlan(len(layers), prefix, inputs, outputs))
 
-    dropped = []
-    if source.config.get("tie_word_embeddings") is True and "lm_head.weight" in source.tensors:
-        dropped.append("lm_head.weight")  # tied: transformers re-ties it on load
+    dropped, notes, config_changes = _tied_head(family, source)
     transpose_copies: set[str] = set()
     if sibling:
         dropped += [n for n in source.tensors if n.endswith(tuple(family.sibling["drop_suffixes"]))]
@@ -308,7 +388,7 @@ def build_plan(
     remaining = {lp.layer: len(lp.input_names) for lp in layers}
     order: list[OutTensor] = []
     emit_after: dict[str, int] = {}
-    for name in _source_order(source):
+    for name in source_order(source):
         if name in dropped:
             continue
         if name in member_of:
@@ -321,7 +401,7 @@ def build_plan(
             info = source.tensors[name]
             order.append(OutTensor(name, info.dtype, info.shape[::-1] if name in transpose_copies else info.shape))
 
-    config_out = dict(source.config)
+    config_out = dict(source.config) | config_changes
     if emulate or n_groups == shape.n_kv_heads:
         pass  # the architecture holds exactly what it held before
     elif sibling:
@@ -339,14 +419,14 @@ def build_plan(
         n_groups,
         chosen,
         seed,
-        layers,
-        order,
+        tuple(layers),
+        tuple(order),
         emit_after,
-        dropped,
-        plan_shards(order, max_shard_size),
+        tuple(dropped),
+        tuple(tuple(s) for s in plan_shards(order, shard_bytes)),
         config_out,
         kv_dtype,
-        template,
+        templates[0],
         grouping,
         rope_layout(shape.head_dim, rotary_dims(family, source.config, shape.head_dim), family.rope_layout),
         normalises_keys(family, source.config),
@@ -354,5 +434,6 @@ def build_plan(
         layout_in=layout_in,
         layout_out=layout_out,
         transposed_out=transposed_out,
-        transpose_copies=transpose_copies,
+        transpose_copies=frozenset(transpose_copies),
+        notes=tuple(notes),
     )

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..architectures import Family
+from ..architectures.objectives import predict
+
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Multiplier on the peak learning rate at `step` (0-based)."""
@@ -27,16 +30,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, in float32."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of aligned (batch, T, vocab) logits and (batch, T) targets, in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on softened distributions, scaled by T^2 (Hinton et al.)."""
     t = temperature
-    s_logp = F.log_softmax(student[:, :-1].float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
+    s_logp = F.log_softmax(student.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher.float() / t, dim=-1)
     return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
 
 
@@ -46,14 +49,16 @@ def batch_loss(
     teacher: torch.nn.Module | None = None,
     kd_weight: float = 0.5,
     temperature: float = 1.0,
+    family: Family | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to optimise, LM loss): the LM loss, mixed with distillation from `teacher` if given."""
-    logits = model(input_ids=ids, use_cache=False).logits
-    lm = lm_loss(logits, ids)
+    """(loss to optimise, LM loss) under the family's objective (causal when None): the LM
+    loss, mixed with distillation from `teacher` if given."""
+    logits, targets = predict(model, family, ids)
+    lm = lm_loss(logits, targets)
     if teacher is None:
         return lm, lm
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
+        t_logits, _ = predict(teacher, family, ids)
     return (1 - kd_weight) * lm + kd_weight * kd_loss(logits, t_logits, temperature), lm
 
 
