@@ -176,11 +176,20 @@ def model_card(m: Manifest) -> str:
         f"KV cache saving: {kv['saving']:.1%}.",
         "",
     ]
-    lines += [
-        "The model has not been uptrained: expect some loss of quality until it is (the paper uptrains for "
-        "about 5% of the original pre-training). Measure it with `gqa-convert verify`.",
-        "",
-    ]
+    if m.uptraining:
+        up = m.uptraining
+        lines += [
+            f"Uptrained after conversion for {up['steps']:,} steps ({up['tokens']:,} tokens) by `gqa-convert uptrain`"
+            + (" (repeated K/V heads kept tied)" if up.get("tied_kv_groups") else "")
+            + ". Measure it with `gqa-convert verify`.",
+            "",
+        ]
+    else:
+        lines += [
+            "The model has not been uptrained: expect some loss of quality until it is (the paper uptrains for "
+            "about 5% of the original pre-training). Measure it with `gqa-convert verify`.",
+            "",
+        ]
     lines += [
         "Reproduce with:",
         "",

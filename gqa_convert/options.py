@@ -73,6 +73,12 @@ def problem(name: str, value: Any) -> str | None:
     limit = LIMITS.get(name)
     if limit is None or value is None:
         return None
+    if name == "max_shard_size" and isinstance(value, str):
+        try:
+            parse_size(value)
+        except ConversionError as e:
+            return str(e).removeprefix("--max-shard-size: ")
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number (got {_shown(value)})"
     if isinstance(value, float) and not math.isfinite(value):

@@ -50,6 +50,55 @@ FAMILY_EXTRAS: dict[str, dict] = {
 }
 
 
+TINY = dict(vocab_size=64, bos_token_id=1, eos_token_id=2)
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+# Families outside FAMILY_EXTRAS (fused QKV, MQA-only, no GQA in transformers): their own config keys.
+OTHER_FIXTURES: dict[str, tuple[str, dict]] = {
+    "phi3": ("phi3", dict(**_SMALL, intermediate_size=48, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0)),
+    "falcon": ("falcon", dict(**_SMALL, num_kv_heads=4, new_decoder_architecture=True, bias=True)),
+    "falcon-old": ("falcon", dict(**_SMALL, new_decoder_architecture=False, multi_query=False, bias=True)),
+    "gpt_bigcode": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=False, n_positions=64)),
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt_neox": ("gpt_neox", dict(**_SMALL, intermediate_size=48, max_position_embeddings=64)),
+    "opt": ("opt", dict(**_SMALL, ffn_dim=48, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0)),
+    "gptj": ("gptj", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "bloom": ("bloom", dict(hidden_size=32, n_layer=2, n_head=4)),
+    "t5": (
+        "t5",
+        dict(
+            d_model=32,
+            d_kv=8,
+            num_heads=4,
+            num_layers=2,
+            num_decoder_layers=2,
+            d_ff=48,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            initializer_factor=3.0,
+        ),
+    ),
+}
+FIXTURE_KEYS = sorted(FAMILY_EXTRAS) + sorted(OTHER_FIXTURES)
+
+
+def build_fixture(key: str, seed: int = 0):
+    """A tiny random model of any supported family (4 heads, head_dim 8, vocab 64)."""
+    if key in FAMILY_EXTRAS:
+        return build_model(key, seed=seed)
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_type, kw = OTHER_FIXTURES[key]
+    cfg = AutoConfig.for_model(model_type, **TINY, **kw, initializer_range=0.3)
+    torch.manual_seed(seed)
+    auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

@@ -114,3 +114,78 @@ def test_family_table_covers_fixtures():
     assert set(FAMILY_EXTRAS) <= {
         t for f in __import__("gqa_convert.architectures", fromlist=["FAMILIES"]).FAMILIES for t in f.model_types
     }
+
+
+def _non_default(name, f):
+    """A value of the field's type that differs from its default (and passes its range)."""
+    import typing
+    from pathlib import Path
+
+    import types
+
+    hint = f.hint
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    kinds = {typing.get_origin(a) or a for a in args}
+    if bool in kinds:
+        return not f.default
+    if int in kinds and not kinds & {str}:
+        return (f.default or 1) + 3
+    if float in kinds:
+        return 0.25 if f.default != 0.25 else 0.5
+    if list in kinds or tuple in kinds:
+        return [f"{name}-value"]
+    if kinds & {str, Path} or any("PathLike" in str(a) for a in args):
+        return f"{name}-value"
+    raise AssertionError(f"no test value for {name}: {hint}")
+
+
+@pytest.mark.parametrize("section", ["convert", "verify", "uptrain"])
+def test_batch_passes_every_option_through(tmp_path, monkeypatch, section):
+    """Every field the library takes is accepted in a batch file and arrives at the library
+    with its value: the fields come from the library's signatures, so none can be dropped."""
+    import yaml
+
+    import gqa_convert.batch as batch
+    from gqa_convert.conversion import ConvertReport
+
+    fields = {"convert": batch.CONVERT_FIELDS, "verify": batch.VERIFY_FIELDS, "uptrain": batch.UPTRAIN_FIELDS}[section]
+    special = {"method": "fold", "grouping": "search", "max_shard_size": "7MB", "dtype": "bf16", "reference": "ref"}
+    values = {k: special.get(k, _non_default(k, f)) for k, f in fields.items() if k not in ("out",)}
+    seen: dict = {}
+
+    def fake_convert(model, g, **kw):
+        seen["convert"] = kw
+        return ConvertReport(model, str(kw["out"]), "Llama", 1, 4, 4, 2, 8, "mean", 0, {"saving": 0.5}, 0, 0, False)
+
+    def fake_verify(path, **kw):
+        seen.setdefault("verify", kw)
+        return type("R", (), {"ppl_ratio": 1.0, "passed": True})()
+
+    def fake_uptrain(path, opts):
+        seen["uptrain"] = opts
+
+    monkeypatch.setattr(batch, "convert", fake_convert)
+    monkeypatch.setattr(batch, "verify", fake_verify)
+    monkeypatch.setattr(batch, "uptrain", fake_uptrain)
+    job = {"name": "j", "model": "m", "groups": 2}
+    if section == "convert":
+        job |= values
+    else:
+        job |= {"verify": {"data": ["eval.txt"]}}
+        job[section] = {**job.get(section, {}), **values}
+        job.setdefault("uptrain", {"data": ["t.txt"]}) if section == "verify" else None
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump({"jobs": [job]}))
+    report = batch.run_batch(tmp_path / "jobs.yaml")
+    assert report.failed == 0, report.results[0].message
+    got = seen[section]
+    for name, value in values.items():
+        arrived = getattr(got, name) if section == "uptrain" else got[name]
+        if isinstance(arrived, tuple):
+            arrived = list(arrived)
+        if name == "out":
+            continue
+        assert str(arrived) == str(value) if name == "out" else arrived == value, (
+            f"{section}.{name}: sent {value!r}, the library got {arrived!r}"
+        )
+    assert len(values) >= {"convert": 12, "verify": 15, "uptrain": 30}[section]

@@ -8,94 +8,28 @@ import copy
 
 import pytest
 import torch
-from conftest import load, logits, save_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import build_fixture, load, logits, save_model
 
 from gqa_convert import ConversionError, convert
 from gqa_convert.architectures import layouts
 
-TINY = dict(vocab_size=64, bos_token_id=1, eos_token_id=2)
-# model_type -> (config kwargs, how q/k/v rows are laid out, emulation needed for G < H)
+# fixture key -> (how q/k/v rows are laid out, emulation needed for G < H); configs in conftest
 CASES = {
-    "phi3": (
-        dict(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        ),
-        "concat",
-        False,
-    ),
-    "falcon-new": (
-        dict(
-            model_type="falcon",
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_kv_heads=4,
-            new_decoder_architecture=True,
-            bias=True,
-        ),
-        "grouped",
-        False,
-    ),
-    "falcon-old": (
-        dict(
-            model_type="falcon",
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            new_decoder_architecture=False,
-            multi_query=False,
-            bias=True,
-        ),
-        "per_head",
-        "mqa",
-    ),
-    "gpt_bigcode": (dict(n_embd=32, n_layer=2, n_head=4, multi_query=False, n_positions=64), "per_head", "mqa"),
-    "gpt2": (dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "concat-t", True),
-    "gpt_neox": (
-        dict(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
-        ),
-        "per_head",
-        True,
-    ),
-    "opt": (
-        dict(
-            hidden_size=32,
-            ffn_dim=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=32,
-            pad_token_id=0,
-        ),
-        "separate",
-        True,
-    ),
-    "gptj": (dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64), "separate", True),
-    "bloom": (dict(hidden_size=32, n_layer=2, n_head=4), "per_head", True),
+    "phi3": ("concat", False),
+    "falcon": ("grouped", False),
+    "falcon-old": ("per_head", "mqa"),
+    "gpt_bigcode": ("per_head", "mqa"),
+    "gpt2": ("concat-t", True),
+    "gpt_neox": ("per_head", True),
+    "opt": ("separate", True),
+    "gptj": ("separate", True),
+    "bloom": ("per_head", True),
 }
 H, HD = 4, 8
 
 
 def build(case: str):
-    kw, _, _ = CASES[case]
-    kw = dict(kw)
-    model_type = kw.pop("model_type", case)
-    cfg = AutoConfig.for_model(model_type, **TINY, **kw, initializer_range=0.3)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name or "ln" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return build_fixture(case)
 
 
 def kv_rows(layout: str, kind: str, h: int) -> list[int]:
@@ -112,7 +46,7 @@ def kv_rows(layout: str, kind: str, h: int) -> list[int]:
 
 def pooled_reference(model, case: str, g: int):
     """The source with each K/V head replaced in place by its group's mean."""
-    _, layout, _ = CASES[case]
+    layout, _ = CASES[case]
     ref = copy.deepcopy(model)
     sd = ref.state_dict()
     r = H // g
@@ -142,7 +76,7 @@ def pooled_reference(model, case: str, g: int):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_family(tmp_path, case):
-    _, layout, emulated = CASES[case]
+    layout, emulated = CASES[case]
     model = build(case)
     src = save_model(model, tmp_path / "src")
     want = logits(model)
@@ -200,7 +134,7 @@ def test_mqa_only_family_refuses_other_groups(tmp_path):
 def test_fold_on_fused_and_emulated_families(tmp_path, case):
     """fold at G = H reproduces the source (checks each family's rotary layout, or none),
     and at G = 2 it is closer to the source than mean pooling."""
-    _, _, emulated = CASES[case]
+    _, emulated = CASES[case]
     model = build(case)
     src = save_model(model, tmp_path / "src")
     want = logits(model)

@@ -71,6 +71,9 @@ def test_loss_falls_and_output_is_a_stock_checkpoint(tiny, tmp_path):
     assert model.config.num_key_value_heads == 1
     m = json.loads((tmp_path / "o" / "gqa_convert.json").read_text())
     assert m["conversion"]["kv_heads_after"] == 1 and m["uptraining"]["steps"] == 30
+    assert m["output_name"] == "o", "the manifest names the uptrained output, not its start"
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "Uptrained after conversion for 30 steps" in card and "has not been uptrained" not in card
     assert (tmp_path / "o" / "training.png").stat().st_size > 1000
     assert (tmp_path / "o" / "tokenizer.json").is_file()
     assert not (tmp_path / "o.uptrain-state").exists()

@@ -87,6 +87,11 @@ def render(r: VerifyReport) -> None:
             *([""] if r.reference else []),
         )
     console.print(t)
+    if r.converted.emulated:
+        console.print(
+            "[bold yellow]emulated:[/] the converted model repeats each pooled K/V head back to "
+            f"{r.converted.kv_heads}; it shows the quality of GQA but its KV cache is as large as before."
+        )
     if r.settings:
         s = r.settings
         console.print(

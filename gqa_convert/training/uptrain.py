@@ -546,9 +546,9 @@ class Uptraining:
             }
             if self.tied:
                 manifest.uptraining["tied_kv_groups"] = self.tied
+            manifest.output_name = self.out.name
             manifest.write(tmp)
             if manifest.conversion is not None:
-                manifest.output_name = self.out.name
                 (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
             od.commit()
 
