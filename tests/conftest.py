@@ -54,7 +54,10 @@ TINY = dict(vocab_size=64, bos_token_id=1, eos_token_id=2)
 _SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 # Families outside FAMILY_EXTRAS (fused QKV, MQA-only, no GQA in transformers): their own config keys.
 OTHER_FIXTURES: dict[str, tuple[str, dict]] = {
-    "phi3": ("phi3", dict(**_SMALL, intermediate_size=48, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0)),
+    "phi3": (
+        "phi3",
+        dict(**_SMALL, intermediate_size=48, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0),
+    ),
     "falcon": ("falcon", dict(**_SMALL, num_kv_heads=4, new_decoder_architecture=True, bias=True)),
     "falcon-old": ("falcon", dict(**_SMALL, new_decoder_architecture=False, multi_query=False, bias=True)),
     "gpt_bigcode": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, multi_query=False, n_positions=64)),

@@ -118,10 +118,9 @@ def test_family_table_covers_fixtures():
 
 def _non_default(name, f):
     """A value of the field's type that differs from its default (and passes its range)."""
+    import types
     import typing
     from pathlib import Path
-
-    import types
 
     hint = f.hint
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)

@@ -121,7 +121,8 @@ def test_verify_cli_says_when_a_conversion_is_emulated(tmp_path, text):
     corpus.save_tokenizer(src, WORDS, 64)
     convert(src, 2, out=tmp_path / "emu", emulate=True)
     r = CliRunner().invoke(
-        app, ["verify", str(tmp_path / "emu"), "--data", str(text / "eval.txt"), "--seq-len", "32", "--max-tokens", "128"]
+        app,
+        ["verify", str(tmp_path / "emu"), "--data", str(text / "eval.txt"), "--seq-len", "32", "--max-tokens", "128"],
     )
     out = " ".join(r.output.split())
     assert r.exit_code == 0, r.output
