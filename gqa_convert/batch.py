@@ -146,7 +146,7 @@ class _LineLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
     for key, _ in node.value:
         if not isinstance(loader.construct_object(key), str):
-            raise yaml.YAMLError(f"line {key.start_mark.line + 1}: field names must be text, not {key.value!r}")
+            raise yaml.YAMLError(f"line {key.start_mark.line + 1}: field names must be text, not {_short(key.value)}")
     mapping = loader.construct_mapping(node, deep=True)
     mapping["__line__"] = node.start_mark.line + 1
     mapping["__lines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value}

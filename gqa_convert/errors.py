@@ -24,3 +24,15 @@ class CheckFailed(ConversionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=EXIT_FAILURE)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, bounded (or its type when it has none)."""
+    text = str(e).strip()
+    return (text.splitlines()[0][:limit] if text else "") or type(e).__name__
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """repr() of user data, bounded: a message must never grow with the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -44,6 +45,13 @@ TINY = dict(
 
 def flops_per_token(cfg: dict, n_params: int, seq: int) -> float:
     return 6 * n_params + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq
+
+
+def count_params(model: Path) -> int:
+    """Parameters of a checkpoint, from its safetensors headers (nothing is loaded)."""
+    from gqa_convert.io.source import open_source
+
+    return sum(math.prod(t.shape) for t in open_source(model).tensors.values())
 
 
 def build(work: Path, shape: dict) -> Path:
@@ -153,9 +161,7 @@ def main() -> None:
         args.seq, args.batch, args.steps, args.warmup = 64, 4, 5, 2
     work = Path(tempfile.mkdtemp(prefix="gqa-bench-up-"))
     model = build(work, shape)
-    n_params = sum(
-        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters()
-    )
+    n_params = count_params(model)
     data = write_data(work, (args.warmup + args.steps + 2) * args.batch * args.seq, shape["vocab_size"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     ours = run_ours(model, data, work / "ours", args)

@@ -22,13 +22,14 @@ from gqa_convert.evaluation.perplexity import score_stream  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def guide_loop(model, ids: torch.Tensor, seq_len: int, stride: int) -> tuple[float, int]:
-    """The guide's loop: one window per forward pass, full logits, labels masked with -100."""
+def guide_loop(model, ids: torch.Tensor, seq_len: int, stride: int, device: str = "cpu") -> tuple[float, int]:
+    """The guide's loop: one window per forward pass, full logits, labels masked with -100.
+    Returns (total NLL in nats, tokens scored)."""
     nll, count, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + seq_len, len(ids))
         trg_len = end - prev_end
-        x = ids[begin:end][None]
+        x = ids[begin:end][None].to(device)
         y = x.clone()
         y[:, :-trg_len] = -100
         with torch.inference_mode():

@@ -38,8 +38,9 @@ def user_errors(interrupted_note: str = "") -> Iterator[None]:
         yield
     except ConversionError as e:
         raise fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted" + (f"; {interrupted_note}" if interrupted_note else ""), EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as e:
+        note = str(e) or interrupted_note  # the library says when the output was already complete
+        raise fail("interrupted" + (f"; {note}" if note else ""), EXIT_INTERRUPTED) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -186,7 +186,7 @@ def convert_command(
         if task is not None:
             progress.advance(task, n)
 
-    with user_errors("nothing was written at the output path"):
+    with user_errors("the output path was left as it was (nothing new was written)"):
         try:
             report = convert(
                 model,

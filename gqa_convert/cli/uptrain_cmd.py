@@ -128,6 +128,12 @@ def uptrain_command(
     ),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel="Performance"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel="Performance"),
+    compile_backend: str = typer.Option(
+        "inductor",
+        "--compile-backend",
+        help="torch.compile backend for --compile (inductor; aot_eager or eager to debug).",
+        rich_help_panel="Performance",
+    ),
     lora: bool = typer.Option(
         False, "--lora", help="Train LoRA adapters (peft) and merge them back at the end.", rich_help_panel="LoRA"
     ),
@@ -194,6 +200,7 @@ def uptrain_command(
         dtype=dtype,
         gradient_checkpointing=gradient_checkpointing,
         compile=compile,
+        compile_backend=compile_backend,
         lora=lora,
         lora_rank=lora_rank,
         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None,
@@ -230,7 +237,7 @@ def uptrain_command(
         if not quiet:
             console.print(f"step {step}: eval perplexity {ppl:.3f}")
 
-    with user_errors("nothing was written at the output path; with --save-every, --resume continues"):
+    with user_errors("the output path was left as it was; with --save-every, --resume continues"):
         try:
             report = uptrain(model, opts, dry_run=dry_run, on_start=on_start, on_step=on_step, on_eval=on_eval)
         finally:

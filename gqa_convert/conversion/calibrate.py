@@ -32,7 +32,13 @@ class Calibration:
     device: str = "cpu"
 
     def describe(self) -> dict[str, object]:
-        return {"files": self.files, "bytes": self.bytes, "tokens": self.tokens, "offloaded": self.offloaded}
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "tokens": self.tokens,
+            "offloaded": self.offloaded,
+            "device": self.device,
+        }
 
 
 def _available_ram() -> int:

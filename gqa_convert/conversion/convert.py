@@ -22,7 +22,7 @@ import torch
 from .._version import __version__
 from ..architectures import family_for
 from ..architectures.kvcache import kv_summary
-from ..errors import ConversionError
+from ..errors import ConversionError, shown
 from ..io.hashing import Hashes
 from ..io.outdir import OutputDir, writing_errors
 from ..io.paths import copy_files, other_files
@@ -236,7 +236,7 @@ def convert(
     )
     target = Path(out) if out is not None else default_output(source, n_groups)
     if calib and method != "fold":
-        raise ConversionError(f"--calib is used by --method fold only (not {method!r})")
+        raise ConversionError(f"--calib is used by --method fold only (not {shown(method)})")
     od = OutputDir(target, source.root, force)
     od.check()  # refuse a bad --out before any work; a dry run refuses it too, and creates nothing
     copied = other_files(source.root, OWN_FILES, hub=source.hub_id is not None)

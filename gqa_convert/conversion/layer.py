@@ -49,7 +49,7 @@ def layer_context(plan: ConversionPlan, lp: LayerPlan, roles: list[str], moment:
         shape=plan.shape,
         n_groups=plan.n_groups,
         seed=plan.seed,
-        init_range=float(plan.source.config.get("initializer_range", 0.02)),
+        init_range=plan.init_range,
         names={
             role: lp.inputs[role][0] if role in lp.inputs else f"{lp.inputs['qkv.weight'][0]}#{role}" for role in roles
         },

@@ -25,7 +25,7 @@ from ..architectures import (
 from ..architectures.kvcache import kv_bytes_per_token
 from ..architectures.layouts import fused_rows
 from ..architectures.rope import Rope, rope_layout
-from ..errors import ConversionError
+from ..errors import ConversionError, shown
 from ..io.safetensors_format import itemsize
 from ..io.source import Source
 from ..io.writer import OutTensor, plan_shards
@@ -74,6 +74,7 @@ class ConversionPlan:
     transposed_out: tuple[str, ...] = ()  # roles written as Conv1D (in, out)
     transpose_copies: frozenset[str] = frozenset()  # non-attention tensors written transposed
     notes: tuple[str, ...] = ()  # what changes beyond K/V, said in the summary, card and manifest
+    init_range: float = 0.02  # std of fresh heads for --method random (the config's initializer_range)
 
     @property
     def bytes_in(self) -> int:
@@ -128,6 +129,18 @@ def check_unquantized(config: dict[str, Any], where: object) -> None:
             f"{where}: a quantized checkpoint ({str(method)[:40]}); its K/V weights cannot be pooled. Convert the "
             "unquantized checkpoint (and quantize the output afterwards), or dequantize this one first."
         )
+
+
+def _init_range(config: dict[str, Any], method: str) -> float:
+    value = config.get("initializer_range", 0.02)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e3 and value == value
+    if ok:
+        return float(value)
+    if method == "random":
+        raise ConversionError(
+            f"config.json: initializer_range {shown(value, 40)} is not a positive number; --method random needs it"
+        )
+    return 0.02
 
 
 def check_groups(n_groups: int, shape: HeadShape) -> None:
@@ -351,7 +364,7 @@ def build_plan(
     g_out = shape.n_kv_heads if emulate else n_groups
     chosen = get_method(method)
     if grouping not in GROUPINGS:
-        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
+        raise ConversionError(f"unknown grouping {shown(grouping)}; choose one of: {', '.join(GROUPINGS)}")
     if len(family.attn) > 1 and grouping != "contiguous":
         raise ConversionError(f"--grouping {grouping} is not supported for {family.name} (per-head position biases)")
     shard_bytes = parse_size(max_shard_size)
@@ -436,4 +449,5 @@ def build_plan(
         transposed_out=transposed_out,
         transpose_copies=frozenset(transpose_copies),
         notes=tuple(notes),
+        init_range=_init_range(source.config, method),
     )

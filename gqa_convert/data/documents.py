@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConversionError
+from ..errors import ConversionError, shown
 
 WIKITEXT = "wikitext-2"
 _BLANK_LINES = re.compile(r"\n\s*\n")
@@ -111,7 +111,7 @@ def _jsonl(path: Path, spec: str, field: str) -> Iterator[str]:
             except (ValueError, RecursionError):
                 raise ConversionError(f"{spec}:{lineno}: not valid JSON") from None
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise ConversionError(f"{spec}:{lineno}: no string field {field!r} (choose it with --text-field)")
+                raise ConversionError(f"{spec}:{lineno}: no string field {shown(field)} (choose it with --text-field)")
             if row[field].strip():
                 yield row[field].strip()
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..conversion import convert
+from ..errors import ConversionError
 from ..evaluation import verify
 from ..io.hf import quiet_transformers
 from ..methods import METHODS
@@ -102,9 +103,11 @@ def base_model(s: DemoSettings, cache: Path, log: Callable[[str], None]) -> tupl
 
     quiet_transformers()
     path = cache / f"demo-mha-{s.key()}"
-    if (path / "config.json").is_file():
+    if all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         log(f"using the cached demo model {path}")
         return path, False
+    if path.exists() or path.is_symlink():  # an incomplete cache entry: train it again
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
     vocab = len(corpus.SPECIALS) + s.words
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -150,9 +153,16 @@ def run_demo(
     started = time.perf_counter()
     s = QUICK if quick else FULL
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    cache = cache or cache_root()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache or cache_root()).absolute()
+    for folder, flag in ((out, "--out"), (cache, "--cache-dir")):
+        if folder.exists() and not folder.is_dir():
+            raise ConversionError(f"{flag} {folder}: exists and is not a directory; choose another")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(f"{flag} {folder}: cannot create it ({e.strerror})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConversionError(f"{flag} {folder}: cannot write in it; choose another")
     src, trained = base_model(s, cache, log)
     report = DemoReport(str(src), trained)
 

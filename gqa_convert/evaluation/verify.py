@@ -17,7 +17,7 @@ import torch
 from ..architectures import Family, context_length, family_for, head_shape
 from ..architectures.kvcache import CONTEXTS, kv_bytes_per_token
 from ..data import DataSource, build_stream, check_data, describe, iter_documents
-from ..errors import ConversionError
+from ..errors import ConversionError, shown
 from ..io.hf import TORCH_DTYPES, check_device, config_dtype, load_model, load_tokenizer, refuse_remote_code
 from ..io.safetensors_format import DTYPES as SAFETENSORS_DTYPES
 from ..io.source import is_local, read_config, resolve
@@ -81,7 +81,7 @@ def _reference_from_manifest(manifest: Manifest | None) -> str | None:
     if src.hub_id:
         return src.hub_id
     raise ConversionError(
-        f"the conversion manifest names the source {src.path!r}, which is gone; pass --reference SOURCE"
+        f"the conversion manifest names the source {shown(src.path, 200)}, which is gone; pass --reference SOURCE"
     )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from ..architectures import Family
-from ..errors import CheckFailed, ConversionError
+from ..errors import CheckFailed, ConversionError, first_line
+from .paths import refuse_special_files
 
 # Every spelling of a floating dtype that users and configs write.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -58,6 +59,8 @@ def _asks_for_code(path: Path) -> bool:
     try:
         import json
 
+        if not path.is_file() or path.stat().st_size > 16 << 20:
+            return False
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
@@ -87,13 +90,14 @@ def load_model(
     import transformers
 
     quiet_transformers()
+    refuse_special_files(root)
     auto = getattr(transformers, family.auto_class)
     try:
         model, info = auto.from_pretrained(
             root, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CheckFailed(f"{root}: does not load with {family.auto_class}: {str(e).splitlines()[0][:300]}") from None
+        raise CheckFailed(f"{root}: does not load with {family.auto_class}: {first_line(e, 300)}") from None
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = [k for k in info.get("missing_keys", []) if k not in tied]
     problems = missing or info.get("unexpected_keys") or info.get("mismatched_keys")
@@ -112,6 +116,7 @@ def load_tokenizer(root: Path, trust_remote_code: bool = False, *, why: str = "t
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    refuse_special_files(root)
     if not any((root / name).is_file() for name in TOKENIZER_FILES) and not (root / "tokenizer_config.json").is_file():
         raise ConversionError(
             f"{root}: has no tokenizer files (tokenizer.json, tokenizer.model, ...), needed {why}; "
@@ -120,5 +125,5 @@ def load_tokenizer(root: Path, trust_remote_code: bool = False, *, why: str = "t
     try:
         return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConversionError(f"{root}: its tokenizer does not load ({first}); needed {why}.") from None

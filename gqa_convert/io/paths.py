@@ -50,6 +50,22 @@ def require_regular(path: Path, what: str = "") -> None:
         raise ConversionError(f"{path}: is {_kind(st.st_mode)}, not a regular file; gqa-convert reads only files.")
 
 
+def refuse_special_files(root: Path) -> None:
+    """Before a library (transformers) opens files of `root` by name: none of them may be a
+    FIFO, device or socket, which would block or never end."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as e:
+        raise ConversionError(f"{root}: cannot list ({e.strerror})") from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode  # follows links
+        except OSError:
+            continue  # dangling links are never opened by name
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ConversionError(f"{entry.path}: is {_kind(mode)}, not a regular file; gqa-convert reads only files.")
+
+
 def plain_name(name: object, where: str) -> str:
     """A file name from an index: one path component, no '..', not absolute."""
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:

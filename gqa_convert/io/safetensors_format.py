@@ -52,8 +52,25 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _corrupt(path: Path, why: str) -> ConversionError:
+    return ConversionError(f"{path}: corrupt safetensors header ({why}); re-download or re-save this file.")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the name {key[:80]!r} appears twice")
+        seen[key] = value
+    return seen
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header; returns (tensors, metadata). Reads no weights."""
+    """Parse and check a safetensors header by safetensors' own rules; returns (tensors,
+    metadata). Reads no weights. The rules: a JSON object of at most 100 MB; `__metadata__`,
+    if present, maps strings to strings; every entry has a known dtype, a shape of
+    non-negative integers and [begin, end] offsets whose size matches dtype x shape; the
+    offsets, sorted, tile the data section exactly, from 0 to the end of the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -62,35 +79,51 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > MAX_HEADER:
-                raise ConversionError(
-                    f"{path}: corrupt safetensors header (it claims {n} header bytes, the file has {size}); "
-                    "re-download or re-save this file."
-                )
+                raise _corrupt(path, f"it claims {n} header bytes, the file has {size}")
             raw = f.read(n)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise ConversionError(f"{path}: corrupt safetensors header (not valid JSON); re-download this file.") from None
+            raise ValueError("not a JSON object")
+    except RecursionError:
+        raise _corrupt(path, "nested too deeply") from None
+    except UnicodeDecodeError:
+        raise _corrupt(path, "not UTF-8") from None
+    except ValueError as e:
+        why = str(e) if "appears twice" in str(e) or "object" in str(e) else "not valid JSON"
+        raise _corrupt(path, why) from None
     data_start = 8 + n
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if dtype not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
                 raise ValueError
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or dtype not in DTYPES or not isinstance(shape, list):
                 raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError
+            begin, end = offsets
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (begin, end)) or not 0 <= begin <= end:
+                raise ValueError
+        except ValueError:
+            raise _corrupt(path, f"bad entry for {name[:80]!r}") from None
+        shape = tuple(shape)
         if end - begin != math.prod(shape) * itemsize(dtype):
-            raise ConversionError(
-                f"{path}: tensor {name!r} has {end - begin} bytes, its shape {list(shape)} needs more"
+            raise _corrupt(
+                path,
+                f"tensor {name[:80]!r} has {end - begin} bytes, its dtype and shape {list(shape)[:8]} need "
+                f"{math.prod(shape) * itemsize(dtype)}",
             )
         if end > data_size:
             raise ConversionError(
@@ -98,7 +131,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 "the download is incomplete, fetch it again."
             )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != position:
+            what = "overlap" if info.begin < position else "leave a gap"
+            raise _corrupt(path, f"tensor {info.name[:80]!r}: offsets {what} (tensors must tile the data in order)")
+        position = info.end
+    if position != size:
+        raise _corrupt(path, f"{size - position} bytes after the last tensor that no tensor owns")
+    return tensors, dict(metadata)
 
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:

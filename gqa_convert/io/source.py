@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line, shown
 from .paths import plain_name, require_regular
 from .safetensors_format import NAMES, TensorInfo, read_header, read_tensor
 
@@ -76,23 +77,29 @@ class Source:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """torch.load restricted to tensors and plain containers; code in the pickle is refused."""
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with warnings.catch_warnings():  # torch's own warnings about the pickle would precede our refusal
+            warnings.simplefilter("ignore")
+            state = _torch_load(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
+        first = first_line(e, 160)
         raise ConversionError(
             f"{path}: refused to load: this pickle holds more than tensors and loading it could run code "
             f"({first[:160]}). Get a safetensors copy of the model, or re-save it from a source you trust."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(e, 160)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -139,9 +146,7 @@ def resolve(spec: str | os.PathLike[str], revision: str | None = None) -> Locati
             f"downloaded now ({type(e).__name__}). Check the path, or go online / unset HF_HUB_OFFLINE."
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ConversionError(
-            f"{spec}: no such directory, and the hub lookup failed: {str(e).splitlines()[0]}"
-        ) from None
+        raise ConversionError(f"{spec}: no such directory, and the hub lookup failed: {first_line(e)}") from None
     return Location(local, spec, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision)
 
 
@@ -184,13 +189,15 @@ def _read_index(path: Path) -> dict[str, str]:
 def _check_shards(index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
     for name, file in weight_map.items():
         if name not in found:
-            raise ConversionError(f"{index.name}: lists tensor {name!r} in {file}, but {file} does not hold it")
+            raise ConversionError(
+                f"{index.name}: lists tensor {shown(name)} in {shown(file)}, but {shown(file)} does not hold it"
+            )
     for name, info in found.items():
         if name not in weight_map:
-            raise ConversionError(f"{info.path.name}: holds tensor {name!r}, which {index.name} does not list")
+            raise ConversionError(f"{info.path.name}: holds tensor {shown(name)}, which {index.name} does not list")
         if weight_map[name] != info.path.name:
             raise ConversionError(
-                f"{index.name}: tensor {name!r} is listed in {weight_map[name]} but found in {info.path.name}"
+                f"{index.name}: tensor {shown(name)} is listed in {weight_map[name]} but found in {info.path.name}"
             )
 
 
@@ -201,7 +208,7 @@ def _index_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
         for name, info in found.items():
             if name in tensors:
                 raise ConversionError(
-                    f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name}); "
+                    f"tensor {shown(name)} appears in two shards ({tensors[name].path.name} and {path.name}); "
                     "the checkpoint is inconsistent."
                 )
             tensors[name] = info
@@ -215,10 +222,10 @@ def _index_bin(files: list[Path], state: dict[Path, dict[str, torch.Tensor]]) ->
         for name, t in state[path].items():
             if name in tensors:
                 raise ConversionError(
-                    f"tensor {name!r} appears in two shards ({tensors[name].path.name} and {path.name})"
+                    f"tensor {shown(name)} appears in two shards ({tensors[name].path.name} and {path.name})"
                 )
             if t.dtype not in NAMES:
-                raise ConversionError(f"{path.name}: tensor {name!r} has unsupported dtype {t.dtype}")
+                raise ConversionError(f"{path.name}: tensor {shown(name)} has unsupported dtype {t.dtype}")
             tensors[name] = TensorInfo(name, NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
     return tensors
 

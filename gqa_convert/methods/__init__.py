@@ -10,7 +10,7 @@ import torch
 
 from ..architectures import KV_ROLES, HeadShape
 from ..architectures.rope import Rope, rope_layout
-from ..errors import ConversionError
+from ..errors import ConversionError, shown
 from .fold import FoldProblem
 from .pooling import first_heads, pool_heads, random_heads
 
@@ -94,4 +94,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ConversionError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+        raise ConversionError(f"unknown method {shown(name)}; choose one of: {', '.join(METHODS)}") from None

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from ..architectures import Family, attention_modules, context_length, family_for, head_shape
+from ..conversion.plan import build_plan
 from ..data import blocks, build_stream, check_data, global_batches, iter_documents, token_stream
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line
 from ..evaluation.perplexity import score
 from ..io.hf import TORCH_DTYPES, config_dtype, load_model, load_tokenizer, quiet_transformers, refuse_remote_code
 from ..io.outdir import OutputDir, writing_errors
 from ..io.paths import copy_files, other_files
-from ..io.source import Location, read_config, resolve
+from ..io.source import Location, open_source, read_config, resolve
 from ..manifest import MANIFEST, Manifest, model_card
 from ..options import DEFAULT_MAX_SHARD, MAX_TRAIN_SEQ_LEN, check, parse_size
 from .costs import CostEstimate, estimate
@@ -66,6 +67,7 @@ class UptrainOptions:
     dtype: str = "auto"  # bf16 autocast on GPU, float32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (e.g. "aot_eager" or "eager" to debug)
     lora: bool = False
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None  # default: the family's attention projections
@@ -216,6 +218,8 @@ class Uptraining:
         refuse_remote_code(self.config, self.root, o.trust_remote_code)
         self.family: Family = family_for(self.config)
         self.shape = head_shape(self.family, self.config)
+        # the config against the tensor headers, before transformers allocates anything from it
+        build_plan(open_source(self.root), self.shape.n_kv_heads)
         self.manifest = Manifest.read(self.root)
         check_data(o.data)
         if o.eval_data:
@@ -312,7 +316,7 @@ class Uptraining:
         try:
             return get_peft_model(model, cfg)
         except ValueError as e:
-            raise ConversionError(f"--lora-targets {','.join(self.lora_targets)}: {str(e).splitlines()[0]}") from None
+            raise ConversionError(f"--lora-targets {','.join(self.lora_targets)}: {first_line(e)}") from None
 
     def plan(self, dry_run: bool) -> UptrainReport:
         """The report before training: budget, parameters and memory per GPU."""
@@ -364,7 +368,7 @@ class Uptraining:
         steps, warmup = self.steps, self.warmup
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
         if o.compile:
-            self.student = torch.compile(self.student)
+            self.student = torch.compile(self.student, backend=o.compile_backend)
         self.student, self.opt = self.accelerator.prepare(self.student, self.opt)
 
     # -- 3. resume ----------------------------------------------------------------------------
