@@ -104,6 +104,79 @@ def model_result(
     return ModelResult(role, path, family.name, shape.n_kv_heads, per_token, at, emulated)
 
 
+@dataclass
+class _Reference:
+    root: Path
+    family: Family
+    config: dict[str, Any]
+
+
+def _reference(spec: str | None, trust_remote_code: bool, family: Family) -> _Reference | None:
+    if spec is None:
+        return None
+    root = resolve(spec).root
+    config = read_config(root)
+    refuse_remote_code(config, root, trust_remote_code)
+    ref_family = family_for(config)
+    if ref_family.objective != family.objective:
+        raise ConversionError(
+            f"the reference is a {ref_family.name} model and the converted one a {family.name}: they are not "
+            "scored the same way and cannot be compared"
+        )
+    return _Reference(root, ref_family, config)
+
+
+def _settings(
+    family: Family, config: dict[str, Any], tokenizer, seq_len: int | None, stride: int | None, bos: bool | None
+) -> dict[str, Any]:
+    """Windows and BOS policy, from the options and the family's context length."""
+    use_bos = tokenizer.bos_token_id is not None if bos is None else bos
+    seq_len = seq_len or min(context_length(family, config), MAX_VERIFY_SEQ_LEN)
+    stride = stride or max(1, seq_len // 2)
+    if stride > seq_len:
+        raise ConversionError(f"--stride must be between 1 and --seq-len ({seq_len})")
+    if family.objective == "seq2seq" and seq_len < 4:
+        raise ConversionError(f"--seq-len must be at least 4 for {family.name} (windows are split in halves)")
+    causal = family.objective == "causal"
+    return {
+        "seq_len": seq_len,
+        "stride": stride if causal else seq_len,
+        "scheme": "sliding window"
+        if causal
+        else "each window: encoder reads the first half, decoder scored on the second",
+        "use_bos": use_bos,
+        "bos": f"BOS (id {tokenizer.bos_token_id}) before each document"
+        if use_bos and tokenizer.bos_token_id is not None
+        else "no BOS",
+    }
+
+
+def _stream(data, separator, text_field, tokenizer, max_tokens, settings, vocab: int, ref, trust) -> torch.Tensor:
+    """The token stream both models score, checked against the model and the reference's tokenizer."""
+    docs = iter_documents(data, separator=separator, text_field=text_field)
+    built = build_stream(tokenizer, docs, max_tokens, settings["use_bos"])
+    stream = built.ids
+    if len(stream) < 2:
+        raise ConversionError("the data gives fewer than 2 tokens; nothing to score")
+    if int(stream.max()) >= vocab:
+        raise ConversionError(
+            f"the tokenizer gives token id {int(stream.max())}, but the model has only {vocab} embeddings"
+        )
+    if ref is not None:
+        ref_tok = load_tokenizer(ref.root, trust, why="to score the reference")
+        sample = next(iter_documents(data, separator=separator, text_field=text_field))[:2000]
+        if (
+            ref_tok(sample, add_special_tokens=False)["input_ids"]
+            != tokenizer(sample, add_special_tokens=False)["input_ids"]
+        ):
+            raise ConversionError(
+                "the converted model and the reference tokenize the data differently; they cannot be compared"
+            )
+    settings |= {"tokens_in_stream": len(stream), "documents": built.documents, "bytes": built.bytes}
+    settings |= {"words": built.words, "max_tokens": max_tokens, "separator": separator or "blank lines"}
+    return stream
+
+
 def verify(
     converted: str,
     *,
@@ -130,14 +203,8 @@ def verify(
     its conversion manifest). Raises CheckFailed (exit 1) for a damaged checkpoint and
     ConversionError (exit 2) for bad arguments; a perplexity ratio above `max_ppl_ratio`
     sets `passed = False`."""
-    check(
-        max_tokens=max_tokens,
-        seq_len=seq_len,
-        stride=stride,
-        batch_size=batch_size,
-        generate=generate,
-        max_ppl_ratio=max_ppl_ratio,
-    )
+    check(max_tokens=max_tokens, seq_len=seq_len, stride=stride, batch_size=batch_size)
+    check(generate=generate, max_ppl_ratio=max_ppl_ratio)
     device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if data:
         check_data(data)
@@ -146,32 +213,18 @@ def verify(
     manifest = Manifest.read(root)
     if reference is None and use_manifest:
         reference = _reference_from_manifest(manifest)
-    ref_root = ref_family = None
-    if reference is not None:
-        ref_root = resolve(reference).root
-        ref_config = read_config(ref_root)
-        refuse_remote_code(ref_config, ref_root, trust_remote_code)
-        ref_family = family_for(ref_config)
-        if ref_family.objective != family.objective:
-            raise ConversionError(
-                f"the reference is a {ref_family.name} model and the converted one a {family.name}: they are not "
-                "scored the same way and cannot be compared"
-            )
+    ref = _reference(reference, trust_remote_code, family)
     torch_dtype = _resolve_dtype(dtype, source.config, device)
     largest = max(source.tensors.values(), key=lambda t: t.nbytes)
     kv_dtype = SAFETENSORS_DTYPES[largest.dtype]  # the checkpoint's own dtype, not the one measured in
     emulated = manifest.emulated if manifest else False
+    tokenizer = load_tokenizer(root, trust_remote_code, why="to score or generate text") if data or generate else None
 
-    tokenizer = None
-    if data or generate:
-        tokenizer = load_tokenizer(root, trust_remote_code, why="to score or generate text")
-    conv_model = load_model(root, family, torch_dtype, device, trust_remote_code)
-    checks.append(Check(f"loads with {family.auto_class}", type(conv_model).__name__))
+    model = load_model(root, family, torch_dtype, device, trust_remote_code)
+    checks.append(Check(f"loads with {family.auto_class}", type(model).__name__))
     report = VerifyReport(
         converted=model_result("converted", str(root), family, source.config, kv_dtype, emulated),
-        reference=model_result("reference", str(ref_root), ref_family, read_config(ref_root), kv_dtype)
-        if ref_root
-        else None,
+        reference=model_result("reference", str(ref.root), ref.family, ref.config, kv_dtype) if ref else None,
         checks=checks,
         settings={},
         data=[],
@@ -179,75 +232,34 @@ def verify(
     )
     if report.reference:
         report.kv_saving = 1 - report.converted.kv_bytes_per_token / report.reference.kv_bytes_per_token
-
     stream = None
     if data:
-        use_bos = tokenizer.bos_token_id is not None if bos is None else bos
-        seq_len = seq_len or min(context_length(family, source.config), MAX_VERIFY_SEQ_LEN)
-        stride = stride or max(1, seq_len // 2)
-        if stride > seq_len:
-            raise ConversionError(f"--stride must be between 1 and --seq-len ({seq_len})")
-        if family.objective == "seq2seq" and seq_len < 4:
-            raise ConversionError(f"--seq-len must be at least 4 for {family.name} (windows are split in halves)")
-        docs = iter_documents(data, separator=separator, text_field=text_field)
-        built = build_stream(tokenizer, docs, max_tokens, use_bos)
+        report.settings = _settings(family, source.config, tokenizer, seq_len, stride, bos)
+        report.settings |= {"batch_size": batch_size, "dtype": str(torch_dtype).replace("torch.", ""), "device": device}
+        vocab = model.get_input_embeddings().num_embeddings
+        stream = _stream(
+            data, separator, text_field, tokenizer, max_tokens, report.settings, vocab, ref, trust_remote_code
+        )
         report.data = [describe(spec) for spec in data]
-        stream = built.ids
-        if len(stream) < 2:
-            raise ConversionError("the data gives fewer than 2 tokens; nothing to score")
-        vocab = conv_model.get_input_embeddings().num_embeddings
-        if int(stream.max()) >= vocab:
-            raise ConversionError(
-                f"the tokenizer gives token id {int(stream.max())}, but the model has only {vocab} embeddings"
-            )
-        if ref_root is not None:
-            ref_tok = load_tokenizer(ref_root, trust_remote_code, why="to score the reference")
-            sample = next(iter_documents(data, separator=separator, text_field=text_field))[:2000]
-            if (
-                ref_tok(sample, add_special_tokens=False)["input_ids"]
-                != tokenizer(sample, add_special_tokens=False)["input_ids"]
-            ):
-                raise ConversionError(
-                    "the converted model and the reference tokenize the data differently; they cannot be compared"
-                )
-        report.settings = {
-            "tokens_in_stream": len(stream),
-            "documents": built.documents,
-            "seq_len": seq_len,
-            "stride": stride if family.objective == "causal" else seq_len,
-            "scheme": "sliding window"
-            if family.objective == "causal"
-            else "each window: encoder reads the first half, decoder scored on the second",
-            "batch_size": batch_size,
-            "bos": f"BOS (id {tokenizer.bos_token_id}) before each document"
-            if use_bos and tokenizer.bos_token_id is not None
-            else "no BOS",
-            "dtype": str(torch_dtype).replace("torch.", ""),
-            "device": device,
-            "max_tokens": max_tokens,
-            "separator": separator or "blank lines",
-            "bytes": built.bytes,
-            "words": built.words,
-        }
         on_stage("converted", len(stream))
-        _measure(report.converted, conv_model, family, stream, report.settings, device, on_tokens)
+        _measure(report.converted, model, family, stream, report.settings, device, on_tokens)
     if generate:
-        report.converted.sample = _greedy(conv_model, tokenizer, prompt, generate, device)
+        report.converted.sample = _greedy(model, tokenizer, prompt, generate, device)
         report.settings["prompt"] = prompt
-    del conv_model
+    del model
     gc.collect()
 
-    if ref_root is not None and (stream is not None or generate):
-        ref_model = load_model(ref_root, ref_family, torch_dtype, device, trust_remote_code)
+    if ref is not None and (stream is not None or generate):
+        model = load_model(ref.root, ref.family, torch_dtype, device, trust_remote_code)
         if stream is not None:
             on_stage("reference", len(stream))
-            _measure(report.reference, ref_model, ref_family, stream, report.settings, device, on_tokens)
+            _measure(report.reference, model, ref.family, stream, report.settings, device, on_tokens)
             report.ppl_ratio = report.converted.ppl / report.reference.ppl
             report.ppl_diff = report.converted.ppl - report.reference.ppl
         if generate:
-            ref_tok = load_tokenizer(ref_root, trust_remote_code, why="to generate from the reference")
-            report.reference.sample = _greedy(ref_model, ref_tok, prompt, generate, device)
-        del ref_model
+            ref_tok = load_tokenizer(ref.root, trust_remote_code, why="to generate from the reference")
+            report.reference.sample = _greedy(model, ref_tok, prompt, generate, device)
+        del model
     if max_ppl_ratio is not None and report.ppl_ratio is not None:
         report.passed = report.ppl_ratio <= max_ppl_ratio
     return report
