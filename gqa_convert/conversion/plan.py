@@ -329,6 +329,84 @@ def _tied_head(family: Family, source: Source) -> tuple[list[str], list[str], di
     return [], [note], {"tie_word_embeddings": False}
 
 
+def _blocks(
+    family: Family,
+    templates: tuple[str, ...],
+    source: Source,
+    shape: HeadShape,
+    g_out: int,
+    layout: tuple[str | None, str | None],
+    transposed_out: tuple[str, ...],
+) -> list[LayerPlan]:
+    """Every attention block's inputs (checked) and planned outputs, in layer order."""
+    layout_in, layout_out = layout
+    layers: list[LayerPlan] = []
+    for layer in range(shape.n_layers):
+        for template in templates:
+            prefix = template.format(layer=layer)
+            inputs = _layer_inputs(family, prefix, shape, source)
+            _check_tensors(inputs, shape, source, family, layout_in)
+            outputs = {
+                role: _role_outputs(
+                    role,
+                    names,
+                    family.roles[role],
+                    prefix,
+                    source,
+                    shape.n_kv_heads,
+                    g_out,
+                    family,
+                    shape,
+                    layout_out,
+                    transposed_out,
+                )
+                for role, names in inputs.items()
+            }
+            layers.append(LayerPlan(len(layers), prefix, inputs, outputs))
+    return layers
+
+
+def _write_order(
+    source: Source, layers: list[LayerPlan], dropped: list[str], transpose_copies: set[str]
+) -> tuple[list[OutTensor], dict[str, int]]:
+    """Output tensors in the order they are written (the source's order on disk; a block's
+    outputs right after its last input), and which input completes each block."""
+    member_of = {n: lp.layer for lp in layers for n in lp.input_names}
+    remaining = {lp.layer: len(lp.input_names) for lp in layers}
+    order: list[OutTensor] = []
+    emit_after: dict[str, int] = {}
+    for name in source_order(source):
+        if name in dropped:
+            continue
+        if name in member_of:
+            layer = member_of[name]
+            remaining[layer] -= 1
+            if remaining[layer] == 0:  # the layer's last input has been read: its outputs follow
+                emit_after[name] = layer
+                order.extend(t for ts in layers[layer].outputs.values() for t in ts)
+        else:
+            info = source.tensors[name]
+            order.append(OutTensor(name, info.dtype, info.shape[::-1] if name in transpose_copies else info.shape))
+    return order, emit_after
+
+
+def _config_out(
+    family: Family, config: dict[str, Any], shape: HeadShape, n_groups: int, emulate: bool, sibling: bool
+) -> dict[str, Any]:
+    """config.json of the output: only what the new head layout needs changes."""
+    out = dict(config)
+    if emulate or n_groups == shape.n_kv_heads:
+        pass  # the architecture holds exactly what it held before
+    elif sibling:
+        sib = family.sibling
+        out |= {"model_type": sib["model_type"], "architectures": sib["architectures"], **sib["config"]}
+    elif gqa_native(family, config):
+        out[family.kv_heads_key] = n_groups
+    else:
+        out[family.mqa_flag] = True
+    return out
+
+
 def build_plan(
     source: Source,
     n_groups: int,
@@ -361,70 +439,21 @@ def build_plan(
     transposed_out = family.transposed
     if sibling:
         layout_out, transposed_out = "concat", ()
-    g_out = shape.n_kv_heads if emulate else n_groups
     chosen = get_method(method)
     if grouping not in GROUPINGS:
         raise ConversionError(f"unknown grouping {shown(grouping)}; choose one of: {', '.join(GROUPINGS)}")
     if len(family.attn) > 1 and grouping != "contiguous":
         raise ConversionError(f"--grouping {grouping} is not supported for {family.name} (per-head position biases)")
     shard_bytes = parse_size(max_shard_size)
-    layers: list[LayerPlan] = []
-    for layer in range(shape.n_layers):
-        for template in templates:
-            prefix = template.format(layer=layer)
-            inputs = _layer_inputs(family, prefix, shape, source)
-            _check_tensors(inputs, shape, source, family, layout_in)
-            outputs = {
-                role: _role_outputs(
-                    role,
-                    names,
-                    family.roles[role],
-                    prefix,
-                    source,
-                    shape.n_kv_heads,
-                    g_out,
-                    family,
-                    shape,
-                    layout_out,
-                    transposed_out,
-                )
-                for role, names in inputs.items()
-            }
-            layers.append(LayerPlan(len(layers), prefix, inputs, outputs))
-
+    g_out = shape.n_kv_heads if emulate else n_groups
+    layers = _blocks(family, templates, source, shape, g_out, (layout_in, layout_out), transposed_out)
     dropped, notes, config_changes = _tied_head(family, source)
     transpose_copies: set[str] = set()
     if sibling:
         dropped += [n for n in source.tensors if n.endswith(tuple(family.sibling["drop_suffixes"]))]
         transpose_copies = {n for n in source.tensors if n.endswith(tuple(family.sibling["transpose_suffixes"]))}
-    member_of = {n: lp.layer for lp in layers for n in lp.input_names}
-    remaining = {lp.layer: len(lp.input_names) for lp in layers}
-    order: list[OutTensor] = []
-    emit_after: dict[str, int] = {}
-    for name in source_order(source):
-        if name in dropped:
-            continue
-        if name in member_of:
-            layer = member_of[name]
-            remaining[layer] -= 1
-            if remaining[layer] == 0:  # the layer's last input has been read: its outputs follow
-                emit_after[name] = layer
-                order.extend(t for ts in layers[layer].outputs.values() for t in ts)
-        else:
-            info = source.tensors[name]
-            order.append(OutTensor(name, info.dtype, info.shape[::-1] if name in transpose_copies else info.shape))
-
-    config_out = dict(source.config) | config_changes
-    if emulate or n_groups == shape.n_kv_heads:
-        pass  # the architecture holds exactly what it held before
-    elif sibling:
-        sib = family.sibling
-        config_out |= {"model_type": sib["model_type"], "architectures": sib["architectures"], **sib["config"]}
-    elif gqa_native(family, source.config):
-        config_out[family.kv_heads_key] = n_groups
-    else:
-        config_out[family.mqa_flag] = True
-    kv_dtype = source.tensors[layers[0].inputs[key_role(family)][0]].dtype
+    order, emit_after = _write_order(source, layers, dropped, transpose_copies)
+    config_out = _config_out(family, source.config, shape, n_groups, emulate, sibling) | config_changes
     return ConversionPlan(
         source,
         family,
@@ -438,7 +467,7 @@ def build_plan(
         tuple(dropped),
         tuple(tuple(s) for s in plan_shards(order, shard_bytes)),
         config_out,
-        kv_dtype,
+        source.tensors[layers[0].inputs[key_role(family)][0]].dtype,
         templates[0],
         grouping,
         rope_layout(shape.head_dim, rotary_dims(family, source.config, shape.head_dim), family.rope_layout),
