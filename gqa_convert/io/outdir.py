@@ -5,8 +5,8 @@ the target path; a killed run's leftovers are found and removed by the next run.
 - Names are literal: a target called `m*` or `m[1]` is matched character for character,
   never as a glob, and a temporary directory whose owner is alive is never removed.
 - `--force` swaps the new directory and the old target in one atomic rename
-  (renameat2 RENAME_EXCHANGE) where the filesystem allows it; otherwise the two renames run
-  with SIGINT/SIGTERM held back and the old target is put back if the second one fails.
+  (renameat2 RENAME_EXCHANGE) where the filesystem allows it; otherwise two renames, and the
+  old target is put back if the second one fails. SIGINT/SIGTERM wait for the swap to end.
 - A run that fails removes the parent directories it created.
 """
 
@@ -46,17 +46,25 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (then they arrive as usual)."""
+def signals_deferred() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM are noted, not acted on, until the block is done; the list yielded
+    holds those that arrived. (Python runs signal handlers in the main thread whichever
+    thread the OS chose, so this holds with worker threads running, as an OS mask would not.)"""
+    arrived: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        arrived.append(signum)
+
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    except (AttributeError, ValueError, OSError):  # not the main thread, or no pthread_sigmask
-        yield
+        previous = {sig: signal.signal(sig, note) for sig in _SIGNALS}
+    except ValueError:  # not the main thread: signals go to the main thread's handlers anyway
+        yield arrived
         return
     try:
-        yield
+        yield arrived
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 _RENAME_EXCHANGE = 2
@@ -223,24 +231,22 @@ class OutputDir:
 
     def commit(self) -> None:
         """Move the finished temporary directory to the target (replacing it under --force).
-        A signal that arrives during the swap takes effect after it: the output is then
-        complete, and the KeyboardInterrupt says so."""
+        A SIGINT/SIGTERM that arrives during the swap waits for it: the output is then
+        complete, and the KeyboardInterrupt raised afterwards says so."""
         assert self.tmp is not None
         old = None
         try:
-            with signals_held():
+            with signals_deferred() as arrived:
                 old = self._swap()
                 self.tmp = None
                 self.committed = True
                 self._created = []
                 _fsync_dir(self.target.parent)
-        except KeyboardInterrupt:
-            if self.committed:
-                raise KeyboardInterrupt(f"the output {self.target} was already complete and is in place") from None
-            raise
         finally:
             if old is not None and self.committed:
                 shutil.rmtree(old, ignore_errors=True)
+        if arrived:
+            raise KeyboardInterrupt(f"the output {self.target} was already complete and is in place")
 
     def _swap(self) -> Path | None:
         """Put tmp at the target; returns where the replaced old target now is (to remove)."""
