@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import os
 import string
 import time
 import types
@@ -30,6 +29,8 @@ from .errors import ConversionError
 from .evaluation import verify
 from .io.source import is_local
 from .manifest import Manifest
+from .options import accepts as _accepts
+from .options import describe_type as _describe
 from .options import problem
 from .training import UptrainOptions, uptrain
 
@@ -84,44 +85,6 @@ JOB_FIELDS = {
 }
 
 
-def _accepts(hint: Any, value: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(h, value) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path) or hint is os.PathLike or origin is os.PathLike:
-        return isinstance(value, str)
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    if origin in (list, tuple):
-        (item, *_) = typing.get_args(hint) or (Any,)
-        items = value if isinstance(value, list) else [value]  # one value for a list of one
-        return bool(items) and all(_accepts(item, x) for x in items)
-    return False
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(h) for h in typing.get_args(hint) if h is not type(None)]
-        return "|".join(dict.fromkeys(parts))
-    if origin in (list, tuple):
-        (item, *_) = typing.get_args(hint) or (Any,)
-        return f"list[{_describe(item)}]"
-    if hint is os.PathLike or origin is os.PathLike or hint is Path:
-        return "str"
-    return getattr(hint, "__name__", str(hint))
-
-
 def _coerce(hint: Any, value: Any) -> Any:
     """YAML gives lists where the library takes lists or tuples, and one value for a list of one."""
     for h in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
@@ -169,6 +132,8 @@ def _check_fields(where: str, path: Path, d: dict, fields: dict[str, Field]) -> 
                 + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields are {', '.join(sorted(fields))}")
             )
         f = fields[key]
+        if any(isinstance(x, str) and "\x00" in x for x in (value if isinstance(value, list) else [value])):
+            raise ConversionError(f"{path}:{line}: {where}: field {key!r} holds a NUL character")
         if not _accepts(f.hint, value):
             raise ConversionError(
                 f"{path}:{line}: {where}: field {key!r} must be {_describe(f.hint)}, not {_short(value)}"
@@ -207,15 +172,23 @@ class Job:
 
 
 def _check_pattern(pattern: str, where: str) -> None:
+    """An output pattern: plain text and the known placeholders, nothing else (no format
+    specs or conversions: `{groups:>999999999}` would build a gigabyte of path)."""
+    if not pattern.strip():
+        raise ConversionError(f"{where}: 'out' is empty; name the output directory")
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        parts = list(string.Formatter().parse(pattern))
     except ValueError as e:
         raise ConversionError(f"{where}: 'out' is not a valid pattern ({e})") from None
-    for name in names:
-        if name not in OUT_KEYS:
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in OUT_KEYS or spec or conversion:
             raise ConversionError(
-                f"{where}: 'out' uses {{{_short(name, 30)}}}; the placeholders are "
+                f"{where}: 'out' uses {{{_short(name, 30)}{'!' + conversion if conversion else ''}"
+                f"{':' + _short(spec, 20) if spec else ''}}}; the placeholders are "
                 + ", ".join("{" + k + "}" for k in OUT_KEYS)
+                + ", without format specs"
             )
 
 
@@ -302,9 +275,15 @@ def load_config(path: Path) -> list[Job]:
                 raise ConversionError(f"{path}:{line}: {where}: groups must be at least 1")
             jobs.append(Job(name, merged["model"], g, merged, line))
     outs: dict[Path, Job] = {}
+    here = path.resolve()
     for job in jobs:  # two jobs writing one place, however the paths are spelled
         for target in (job.out, *([_uptrain_out(job, Path())] if "uptrain" in job.settings else [])):
             real = (target if target.is_absolute() else base / target).resolve()
+            if real == here.parent or real in here.parents:
+                raise ConversionError(
+                    f"{path}:{job.line}: job {job.name!r} would write {real}, which holds this batch file; "
+                    "choose another 'out'"
+                )
             if real in outs:
                 raise ConversionError(
                     f"{path}: jobs {outs[real].name!r} and {job.name!r} (G={job.groups}) both write {real}; "

@@ -6,6 +6,7 @@ verify and batch read it. Reading validates it, so a damaged file is one clear e
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from ._version import __version__
 from .architectures.kvcache import CONTEXTS, human_bytes
 from .errors import ConversionError
+from .options import accepts, describe_type
 
 MANIFEST = "gqa_convert.json"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -100,32 +102,45 @@ class Manifest:
             raise ValueError("expected a JSON object")
         known = {f.name for f in fields(cls)}
         m = cls(**{k: v for k, v in data.items() if k in known})
-        if not isinstance(m.tool, dict):
-            raise ValueError("'tool' must be an object")
+        for name in ("tool", "kv_cache", "output", "uptraining"):
+            if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
+                raise ValueError(f"{name!r} must be an object")
+        if not isinstance(m.tool.get("version"), str):
+            raise ValueError("'tool.version' must be a string")
+        if m.kv_cache is not None:
+            for key in ("bytes_per_token_before", "bytes_per_token_after", "saving"):
+                if not isinstance(m.kv_cache.get(key), (int, float)) or isinstance(m.kv_cache.get(key), bool):
+                    raise ValueError(f"'kv_cache.{key}' must be a number")
+            at = m.kv_cache.get("at_context")
+            if not isinstance(at, dict) or not all(
+                isinstance(at.get(str(c)), dict) and {"before", "after"} <= set(at[str(c)]) for c in CONTEXTS
+            ):
+                raise ValueError("'kv_cache.at_context' must give before/after sizes")
         if m.source is not None:
             m.source = _record(SourceRecord, m.source, "source")
             if not isinstance(m.source.files, dict):
                 raise ValueError("'source.files' must be an object")
         if m.conversion is not None:
             m.conversion = _record(ConversionRecord, m.conversion, "conversion")
-            for name, kind in (("kv_heads_after", int), ("kv_heads_before", int), ("method", str), ("emulated", bool)):
-                if not isinstance(getattr(m.conversion, name), kind):
-                    raise ValueError(f"'conversion.{name}' must be {kind.__name__}")
-        for name in ("kv_cache", "output", "uptraining"):
-            if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
-                raise ValueError(f"{name!r} must be an object")
+            if m.conversion.kv_heads_after < 1 or m.conversion.kv_heads_before < m.conversion.kv_heads_after:
+                raise ValueError("'conversion.kv_heads_after' must be between 1 and kv_heads_before")
         return m
 
 
 def _record(kind: type, value: Any, where: str) -> Any:
+    """A record from its JSON object: every field present where required, of its declared type."""
     if not isinstance(value, dict):
         raise ValueError(f"{where!r} must be an object")
-    names = {f.name for f in fields(kind)}
-    required = [f.name for f in fields(kind) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [name for name in required if name not in value]
-    if missing:
-        raise ValueError(f"{where!r} lacks {missing[0]!r}")
-    return kind(**{k: v for k, v in value.items() if k in names})
+    hints = typing.get_type_hints(kind)
+    for f in fields(kind):
+        if f.name not in value:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{where!r} lacks {f.name!r}")
+            continue
+        item, hint = value[f.name], hints[f.name]
+        if not (accepts(hint, item) or (item == [] and typing.get_origin(hint) is list)):
+            raise ValueError(f"'{where}.{f.name}' must be {describe_type(hints[f.name])}")
+    return kind(**{k: v for k, v in value.items() if k in hints})
 
 
 def model_card(m: Manifest) -> str:

@@ -8,8 +8,12 @@ the command line, and the same limit applies to it in every command."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
@@ -138,3 +142,42 @@ def parse_size(text: str | int) -> int:
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
     check(max_shard_size=value)
     return value
+
+
+def accepts(hint: Any, value: Any) -> bool:
+    """Whether a JSON/YAML value fits a type hint (one value stands for a list of one)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path) or hint is os.PathLike or origin is os.PathLike:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        items = value if isinstance(value, list) else [value]  # one value for a list of one
+        return bool(items) and all(accepts(item, x) for x in items)
+    return False
+
+
+def describe_type(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe_type(h) for h in typing.get_args(hint) if h is not type(None)]
+        return "|".join(dict.fromkeys(parts))
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        return f"list[{describe_type(item)}]"
+    if hint is os.PathLike or origin is os.PathLike or hint is Path:
+        return "str"
+    return getattr(hint, "__name__", str(hint))

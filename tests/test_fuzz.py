@@ -99,7 +99,9 @@ json_values = st.recursive(
 @st.composite
 def header_mutation(draw):
     kind = draw(
-        st.sampled_from(["dtype", "shape", "offsets", "entry", "metadata", "extra", "length", "truncate", "dup", "bytes"])
+        st.sampled_from(
+            ["dtype", "shape", "offsets", "entry", "metadata", "extra", "length", "truncate", "dup", "bytes"]
+        )
     )
     return kind, draw(json_values), draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 10**6))
 

@@ -24,7 +24,9 @@ def test_gpu_check_cpu_mode(tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["environment", "convert", "throughput", "lora_4bit", "fsdp_compile", "verify", "resume"]
-    failed = {k: v["status"] for k, v in steps.items() if not (v["status"] == "ok" or v["status"].startswith("skipped"))}
+    failed = {
+        k: v["status"] for k, v in steps.items() if not (v["status"] == "ok" or v["status"].startswith("skipped"))
+    }
     assert not failed and p.returncode == 0, (failed, p.stdout[-2000:])
     assert steps["lora_4bit"]["status"].startswith("skipped: no GPU")
     assert steps["fsdp_compile"]["fsdp"].startswith("skipped: no GPU") and steps["fsdp_compile"]["compile_seconds"] > 0

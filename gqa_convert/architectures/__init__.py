@@ -17,6 +17,7 @@ from .families import (
 )
 from .shape import (
     HeadShape,
+    check_length,
     context_length,
     fused_layout,
     gqa_native,
@@ -33,6 +34,7 @@ __all__ = [
     "REQUIRED_ROLES",
     "Family",
     "HeadShape",
+    "check_length",
     "attention_modules",
     "context_length",
     "families_line",

@@ -57,6 +57,7 @@ class Family:
     head_dim_key: str | None = "head_dim"
     context_key: str | None = "max_position_embeddings"
     default_context: int = 2048  # when the config names no context length (ALiBi, relative positions)
+    learned_positions: bool = False  # a position table: no sequence may be longer than the context
     layout: str = "separate q/k/v/o"
     native_gqa: bool = True  # False: only --emulate (or the mqa_flag's G = 1) can convert it
     rope_layout: str = "half"  # rotary pairs: "half" (i, i + rot/2), "interleaved" (2i, 2i+1), or "none"
@@ -150,6 +151,7 @@ FAMILIES: tuple[Family, ...] = (
         native_gqa=False,
         mqa_flag="multi_query",
         rope_layout="none",
+        learned_positions=True,
         layout="fused c_attn, per head (MHA) or [Q|K|V] (multi_query)",
         embed="transformer.wte.weight",
     ),
@@ -166,6 +168,7 @@ FAMILIES: tuple[Family, ...] = (
         transposed=("qkv.weight", "o.weight"),
         native_gqa=False,
         rope_layout="none",
+        learned_positions=True,
         layout="Conv1D c_attn [Q|K|V], transposed",
         embed="transformer.wte.weight",
         # GPT-BigCode is GPT-2 with Linear layers and an optional multi-query c_attn: a real MQA target.
@@ -202,6 +205,7 @@ FAMILIES: tuple[Family, ...] = (
         head_dim_key=None,
         native_gqa=False,
         rope_layout="none",
+        learned_positions=True,
         layout="separate q/k/v, out_proj",
         embed="model.decoder.embed_tokens.weight",
     ),

@@ -108,3 +108,13 @@ def context_length(family: Family, config: dict[str, Any]) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return family.default_context
+
+
+def check_length(family: Family, config: dict[str, Any], length: int, what: str) -> None:
+    """Refuse a sequence longer than a learned position table (GPT-2, OPT, ...): it would index
+    past the table. Rotary and relative positions run longer (with lower quality), as transformers allows."""
+    if family.learned_positions and length > context_length(family, config):
+        raise ConversionError(
+            f"{what} is {length} tokens, but {family.name} has learned positions for "
+            f"{context_length(family, config)} only; use at most that many"
+        )

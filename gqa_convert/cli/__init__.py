@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from .._version import __version__
 from ..architectures import families_line
 from .batch_cmd import EPILOG as BATCH_EPILOG
 from .batch_cmd import batch_command
+from .common import console
 from .convert_cmd import EPILOG as CONVERT_EPILOG
 from .convert_cmd import convert_command
 from .demo_cmd import EPILOG as DEMO_EPILOG
@@ -40,7 +43,33 @@ ROOT_EPILOG = """[bold]Examples[/]
 Run gqa-convert COMMAND --help for each command's options. Exit codes: 0 success, 1 a check or
 job failed (or a bug), 2 bad input or usage, 130 interrupted."""
 
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument) as one `error:` line with exit 2,
+    like every other refusal, instead of a boxed panel. Help stays as it is."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as e:  # Typer's own copy of Click raises these; matched by shape, not imported
+            if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError" or not standalone_mode:
+                if not standalone_mode:
+                    raise
+                e.show()  # the help, as Click would show it; exit 2: something was missing
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", soft_wrap=True)
+            sys.exit(e.exit_code)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="gqa-convert",
     help=(
         "Convert multi-head-attention checkpoints to grouped-query (GQA) or multi-query (MQA) attention, "

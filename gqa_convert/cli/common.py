@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -13,7 +14,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import EXIT_INTERRUPTED, ConversionError
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, ConversionError, first_line
+
+_USER_ERRNOS = {
+    errno.ENAMETOOLONG,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ELOOP,
+    errno.EISDIR,
+}
 
 console = Console(stderr=True, highlight=False)
 
@@ -38,6 +50,9 @@ def user_errors(interrupted_note: str = "") -> Iterator[None]:
         yield
     except ConversionError as e:
         raise fail(str(e), e.exit_code) from None
+    except OSError as e:  # the system refused a path we were given (too long, no permission, ...)
+        where = f"{str(e.filename)[:200]}: " if e.filename else ""
+        raise fail(f"{where}{e.strerror or first_line(e)}", EXIT_USAGE if e.errno in _USER_ERRNOS else 1) from None
     except KeyboardInterrupt as e:
         note = str(e) or interrupted_note  # the library says when the output was already complete
         raise fail("interrupted" + (f"; {note}" if note else ""), EXIT_INTERRUPTED) from None

@@ -127,7 +127,7 @@ def convert_command(
     calib_separator: Optional[str] = typer.Option(
         None,
         "--calib-separator",
-        help="Document separator in --calib text files [default: blank lines].",
+        help="Document separator in --calib text files \\[default: blank lines].",
         rich_help_panel="Method",
     ),
     trust_remote_code: TrustRemoteCode = False,
@@ -135,7 +135,7 @@ def convert_command(
         None,
         "--out",
         "-o",
-        help="Output directory [default: beside the source, named SOURCE-gqaG or SOURCE-mqa].",
+        help="Output directory \\[default: beside the source, named SOURCE-gqaG or SOURCE-mqa].",
         rich_help_panel="Output",
     ),
     force: Force = False,

@@ -49,7 +49,7 @@ def demo_command(
         Path("gqa-demo"), "--out", "-o", help="Where the converted models, plot and results.json go."
     ),
     cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Where the trained demo model is cached [default: ~/.cache/gqa-convert]."
+        None, "--cache-dir", help="Where the trained demo model is cached \\[default: ~/.cache/gqa-convert]."
     ),
     json_out: Json = False,
 ) -> None:

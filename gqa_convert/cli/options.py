@@ -23,7 +23,7 @@ Separator = Annotated[
     typer.Option(
         "--separator",
         help="Document separator in plain text files, matched anywhere in a line, e.g. '<|endoftext|>' "
-        "[default: blank lines].",
+        "\\[default: blank lines].",
         rich_help_panel="Data",
     ),
 ]

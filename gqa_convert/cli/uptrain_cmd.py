@@ -96,7 +96,7 @@ def uptrain_command(
     warmup: Optional[int] = typer.Option(
         None,
         "--warmup",
-        help="Warmup steps [default: 5% of steps, at most 200], then cosine decay to 10%.",
+        help="Warmup steps \\[default: 5% of steps, at most 200], then cosine decay to 10%.",
         rich_help_panel="Optimizer",
     ),
     batch_size: int = typer.Option(
@@ -108,7 +108,7 @@ def uptrain_command(
     seq_len: Optional[int] = typer.Option(
         None,
         "--seq-len",
-        help="Tokens per sequence [default: the model's context, at most 2048].",
+        help="Tokens per sequence \\[default: the model's context, at most 2048].",
         rich_help_panel="Optimizer",
     ),
     weight_decay: float = typer.Option(0.1, "--weight-decay", rich_help_panel="Optimizer"),
@@ -141,7 +141,7 @@ def uptrain_command(
     lora_targets: Optional[str] = typer.Option(
         None,
         "--lora-targets",
-        help="Comma-separated module names [default: the family's attention projections].",
+        help="Comma-separated module names \\[default: the family's attention projections].",
         rich_help_panel="LoRA",
     ),
     load_in_4bit: bool = typer.Option(

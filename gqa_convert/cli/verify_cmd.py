@@ -115,7 +115,7 @@ def verify_command(
         None,
         "--reference",
         "-r",
-        help="Model to compare with [default: the source named in the conversion manifest].",
+        help="Model to compare with \\[default: the source named in the conversion manifest].",
         rich_help_panel="Data",
     ),
     no_reference: bool = typer.Option(
@@ -136,19 +136,19 @@ def verify_command(
     bos: Optional[bool] = typer.Option(
         None,
         "--bos/--no-bos",
-        help="Put BOS before each document [default: when the tokenizer has one].",
+        help="Put BOS before each document \\[default: when the tokenizer has one].",
         rich_help_panel="Data",
     ),
     seq_len: Optional[int] = typer.Option(
         None,
         "--seq-len",
-        help="Window length [default: the model's context, at most 1024].",
+        help="Window length \\[default: the model's context, at most 1024].",
         rich_help_panel="Perplexity",
     ),
     stride: Optional[int] = typer.Option(
         None,
         "--stride",
-        help="Window step; each token is scored once with up to seq-len of context [default: seq-len/2].",
+        help="Window step; each token is scored once with up to seq-len of context \\[default: seq-len/2].",
         rich_help_panel="Perplexity",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass.", rich_help_panel="Performance"),
@@ -159,7 +159,7 @@ def verify_command(
         rich_help_panel="Performance",
     ),
     device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].", rich_help_panel="Performance"
+        None, "--device", help="cpu, cuda, cuda:1 ... \\[default: cuda when present].", rich_help_panel="Performance"
     ),
     max_ppl_ratio: Optional[float] = typer.Option(
         None,

@@ -120,6 +120,14 @@ def collect(
     budget = memory_budget or _available_ram() // 2
     offload_dir = tempfile.TemporaryDirectory(prefix="gqa-calib-offload-")
     model, offloaded = _load(root, family, dtype, device, budget, bytes_fp32, trust_remote_code, offload_dir.name)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(stream.max()) >= vocab:
+        del model
+        offload_dir.cleanup()
+        raise ConversionError(
+            f"the tokenizer gives token id {int(stream.max())} for the --calib text, but the model has only {vocab} "
+            "embeddings; the tokenizer does not belong to this model"
+        )
     hidden = int(config[family.hidden_key])
     sums = {i: torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=device) for i in range(len(blocks))}
     rows = {i: 0 for i in range(len(blocks))}

@@ -234,11 +234,14 @@ def convert(
         emulate=emulate,
         sibling=sibling,
     )
+    if out is not None and not str(out).strip():
+        raise ConversionError("--out is empty; name the output directory (an unset shell variable?)")
     target = Path(out) if out is not None else default_output(source, n_groups)
     if calib and method != "fold":
         raise ConversionError(f"--calib is used by --method fold only (not {shown(method)})")
     od = OutputDir(target, source.root, force)
     od.check()  # refuse a bad --out before any work; a dry run refuses it too, and creates nothing
+    od.check_writable()
     copied = other_files(source.root, OWN_FILES, hub=source.hub_id is not None)
     calibration = None
     if calib:

@@ -228,6 +228,14 @@ _POOLABLE = ("F64", "F32", "F16", "BF16")
 def _check_tensors(
     inputs: dict[str, list[str]], shape: HeadShape, source: Source, family: Family, layout: str | None
 ) -> None:
+    for names in inputs.values():
+        for name in names:
+            info = source.tensors[name]
+            if info.dtype not in _POOLABLE:
+                raise ConversionError(
+                    f"{name}: stored as {info.dtype}, a quantized or integer tensor that cannot be pooled; "
+                    "convert the unquantized (float) checkpoint, or dequantize this one first."
+                )
     kv_key = family.kv_heads_key
     q_rows, kv_rows = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     expect = {"q.weight": (0, q_rows), "q.bias": (0, q_rows), "k.weight": (0, kv_rows), "k.bias": (0, kv_rows)}
@@ -246,22 +254,18 @@ def _check_tensors(
                 f"(heads={shape.n_heads}, {kv_key}={shape.n_kv_heads}, head_dim={shape.head_dim} "
                 f"means {size} along axis {axis}); the config does not belong to these weights."
             )
-    for role in ("q.weight", "qkv.weight"):
-        if role in inputs:
-            info = source.tensors[inputs[role][0]]
-            width = info.shape[_axis(family, role, 1)] if len(info.shape) == 2 else None
-            if width != shape.hidden:
+    # every projection is a matrix reading (or, for o, writing) the hidden size; biases are vectors
+    width_axis = {"q.weight": 1, "k.weight": 1, "v.weight": 1, "qkv.weight": 1, "o.weight": 0}
+    for role, names in inputs.items():
+        info = source.tensors[names[0]]
+        if role.endswith(".bias") and len(info.shape) != 1:
+            raise ConversionError(f"{info.name}: shape {list(info.shape)[:8]} is not a vector; a bias must be one.")
+        if role in width_axis:
+            axis = _axis(family, role, width_axis[role])
+            if len(info.shape) != 2 or info.shape[axis] != shape.hidden:
                 raise ConversionError(
-                    f"{info.name}: shape {list(info.shape)} disagrees with config.json's hidden size {shape.hidden}; "
+                    f"{info.name}: shape {list(info.shape)[:8]} disagrees with config.json's hidden size {shape.hidden}; "
                     "the config does not belong to these weights."
-                )
-    for names in inputs.values():
-        for name in names:
-            info = source.tensors[name]
-            if info.dtype not in _POOLABLE:
-                raise ConversionError(
-                    f"{name}: stored as {info.dtype}, a quantized or integer tensor that cannot be pooled; "
-                    "convert the unquantized (float) checkpoint, or dequantize this one first."
                 )
 
 

@@ -89,6 +89,11 @@ def token_stream(
         for doc in iter_documents(specs, separator=separator, text_field=text_field, split="train"):
             ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
             piece = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+            if vocab is not None and piece and max(piece) >= vocab:
+                raise ConversionError(
+                    f"the tokenizer gives token id {max(piece)}, but the model has only {vocab} embeddings; "
+                    "the tokenizer does not belong to this model"
+                )
             produced = produced or bool(piece)
             yield from piece
         if not produced:

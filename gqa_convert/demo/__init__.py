@@ -154,6 +154,12 @@ def run_demo(
     s = QUICK if quick else FULL
     out = Path(out).absolute()
     cache = Path(cache or cache_root()).absolute()
+    marker = out / ".gqa-demo"
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise ConversionError(
+            f"--out {out}: exists and holds other files; the demo writes its models and data there and would "
+            "replace them. Choose a new or empty folder (or one an earlier demo wrote)."
+        )
     for folder, flag in ((out, "--out"), (cache, "--cache-dir")):
         if folder.exists() and not folder.is_dir():
             raise ConversionError(f"{flag} {folder}: exists and is not a directory; choose another")
@@ -166,6 +172,7 @@ def run_demo(
     src, trained = base_model(s, cache, log)
     report = DemoReport(str(src), trained)
 
+    marker.write_text("written by gqa-convert demo; it may replace what it wrote here\n")
     eval_text, train_text = out / "eval.txt", out / "train.txt"
     corpus.write_text(eval_text, seed=1234, n_words=s.words, n_docs=s.eval_docs, length=s.seq_len - 1)
     corpus.write_text(train_text, seed=99, n_words=s.words, n_docs=400 if quick else 2000, length=s.seq_len - 1)

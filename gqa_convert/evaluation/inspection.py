@@ -90,6 +90,7 @@ def inspect_model(model: str, revision: str | None = None) -> InspectReport:
     report.n_kv_heads, report.head_dim = shape.n_kv_heads, shape.head_dim
     report.conversion = support(family, config, shape.n_kv_heads)
     try:
+        build_plan(source, shape.n_kv_heads)  # the config against the tensors, before counts drive a loop
         for g in valid_groups(shape.n_heads, shape.n_kv_heads):
             try:
                 plan = build_plan(source, g)

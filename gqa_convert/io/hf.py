@@ -96,6 +96,8 @@ def load_model(
         model, info = auto.from_pretrained(
             root, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )
+    except RecursionError:
+        raise CheckFailed(f"{root}: a file it reads is nested too deeply") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise CheckFailed(f"{root}: does not load with {family.auto_class}: {first_line(e, 300)}") from None
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -124,6 +126,8 @@ def load_tokenizer(root: Path, trust_remote_code: bool = False, *, why: str = "t
         )
     try:
         return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
+    except RecursionError:
+        raise ConversionError(f"{root}: its tokenizer files are nested too deeply to read; needed {why}.") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
         first = first_line(e)
         raise ConversionError(f"{root}: its tokenizer does not load ({first}); needed {why}.") from None

@@ -103,6 +103,12 @@ class OutputDir:
 
     def check(self) -> None:
         """Every refusal that needs no writing: run before any work."""
+        cwd = Path.cwd().resolve()
+        if _is_within(cwd, self.target.resolve()):
+            raise ConversionError(
+                f"output {self.target} is the current directory or holds it; replacing it would delete where you "
+                "work. Choose another --out."
+            )
         if self.target.is_symlink():
             raise ConversionError(
                 f"output {self.target} is a symbolic link; gqa-convert does not write through links. "
@@ -214,9 +220,22 @@ class OutputDir:
             shutil.rmtree(stale, ignore_errors=True)
             self.removed_stale.append(stale)
 
+    def acquire(self) -> None:
+        """Take the target's lock now and hold it until the output is written or `release()`
+        (uptrain holds it for the whole run, so a second run cannot take its state)."""
+        self.check()
+        if self._lock_fd is None:
+            self._lock()
+
+    def release(self) -> None:
+        self._unlock()
+        if not self.committed:
+            self._remove_created()
+
     def __enter__(self) -> Path:
         self.check()
-        self._lock()
+        if self._lock_fd is None:
+            self._lock()
         try:
             self._remove_stale()
             self.tmp = self.target.parent / f".{self.target.name}{TMP_TAG}{os.getpid()}"
@@ -261,11 +280,12 @@ class OutputDir:
         if _exchange(self.tmp, self.target):
             return self.tmp  # one atomic step: the old target now has the temporary name
         old = self.target.parent / f".{self.target.name}{TMP_TAG}old-{os.getpid()}"
-        os.rename(self.target, old)
         try:
+            os.rename(self.target, old)
             os.rename(self.tmp, self.target)
         except BaseException:
-            os.rename(old, self.target)  # put the old target back
+            if not self.target.exists() and old.exists():
+                os.rename(old, self.target)  # put the old target back
             raise
         return old
 

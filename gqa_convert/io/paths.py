@@ -79,9 +79,11 @@ def plain_name(name: object, where: str) -> str:
 
 def allowed_roots(root: Path, hub: bool) -> list[Path]:
     """Where the real path of a copied file may lie: the model directory, and for a hub
-    snapshot (.../models--org--name/snapshots/REV) the repository's blob store."""
+    snapshot (.../models--org--name/snapshots/REV, named by hub id or by its path) the
+    repository's blob store."""
     roots = [root.resolve()]
-    if hub and root.parent.name == "snapshots":
+    in_cache = root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--"))
+    if (hub or in_cache) and root.parent.name == "snapshots":
         roots.append((root.parent.parent / "blobs").resolve())
     return roots
 

@@ -102,7 +102,13 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(e, 160)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConversionError(f"{path}: expected a dict of tensors named by strings (a state dict)")
+    for name, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.device.type != "cpu":
+            what = type(v).__name__ if not isinstance(v, torch.Tensor) else f"a {v.layout} tensor on {v.device}"
+            raise ConversionError(f"{path}: {shown(name)} is {what}; expected dense CPU tensors (a state dict)")
+    if not isinstance(state, dict):
         raise ConversionError(f"{path}: expected a dict of tensors (a state dict)")
     return state
 
@@ -253,6 +259,7 @@ def _weight_files(root: Path) -> tuple[str, list[Path], Path | None]:
             return fmt, [root / single], None
     shards = sorted(p for p in root.iterdir() if p.name.endswith(".safetensors") and not p.name.startswith("."))
     if len(shards) == 1:
+        require_regular(shards[0], "the weights")
         return "safetensors", shards, None
     if len(shards) > 1:
         raise ConversionError(

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import Family, attention_modules, context_length, family_for, head_shape
+from ..architectures import Family, attention_modules, check_length, context_length, family_for, head_shape
 from ..conversion.plan import build_plan
 from ..data import blocks, build_stream, check_data, global_batches, iter_documents, token_stream
 from ..errors import ConversionError, first_line
@@ -167,9 +168,13 @@ def _latest_state(state: Path) -> tuple[Path, dict[str, Any]] | None:
     path = max(steps)[1]
     try:
         progress = json.loads((path / "progress.json").read_text())
-        for key in ("step", "steps", "global_batch", "seq_len", "scheduler", "history"):
-            progress[key]  # noqa: B018 - every key must be there
-    except (OSError, ValueError, KeyError, TypeError):
+        kinds = {"step": int, "steps": int, "global_batch": int, "seq_len": int, "scheduler": dict, "history": list}
+        for key, kind in kinds.items():
+            if not isinstance(progress[key], kind) or isinstance(progress[key], bool):
+                raise TypeError(key)
+        if not 0 < progress["step"] <= progress["steps"] or not all(isinstance(h, dict) for h in progress["history"]):
+            raise ValueError("step")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ConversionError(f"--resume: {path / 'progress.json'} is damaged; start without --resume") from None
     return path, progress
 
@@ -222,6 +227,12 @@ class Uptraining:
         build_plan(open_source(self.root), self.shape.n_kv_heads)
         self.manifest = Manifest.read(self.root)
         check_data(o.data)
+        self.seq_len = o.seq_len or min(context_length(self.family, self.config), MAX_TRAIN_SEQ_LEN)
+        if self.family.objective == "seq2seq" and self.seq_len < 4:
+            raise ConversionError(
+                f"--seq-len must be at least 4 for {self.family.name} (sequences are split in halves)"
+            )
+        check_length(self.family, self.config, self.seq_len, "--seq-len")
         if o.eval_data:
             check_data(o.eval_data, "--eval-data")
         if o.load_in_4bit and not o.lora:
@@ -233,6 +244,8 @@ class Uptraining:
                 "--lora on the K/V projections of an emulated checkpoint would untie its repeated K/V heads; "
                 f"choose --lora-targets without {', '.join(_kv_modules(self.family))}, or train without --lora"
             )
+        if not str(o.out).strip():
+            raise ConversionError("--out is empty; name the output directory (an unset shell variable?)")
         self.out = Path(o.out).absolute()
         self.state_dir = _state_dir(self.out)
         if not dry_run:
@@ -241,6 +254,10 @@ class Uptraining:
             self.outdir.check_writable()
             if o.resume and _latest_state(self.state_dir) is None:
                 raise ConversionError(f"--resume: no saved state in {self.state_dir}; start without --resume")
+            if self.state_dir.exists() and not self.state_dir.is_dir():
+                raise ConversionError(
+                    f"{self.state_dir} exists and is not a directory; remove it or choose another --out"
+                )
         self.copied = other_files(self.root, {"config.json", MANIFEST, "README.md"}, hub=self.where.hub_id is not None)
         self.teacher_root = None
         if o.teacher:
@@ -266,11 +283,6 @@ class Uptraining:
         self.accelerator = Accelerator(mixed_precision=mixed_precision(o.dtype, cuda), cpu=not cuda)
         self.device = str(self.accelerator.device)
         self.world = self.accelerator.num_processes
-        self.seq_len = o.seq_len or min(context_length(self.family, self.config), MAX_TRAIN_SEQ_LEN)
-        if self.family.objective == "seq2seq" and self.seq_len < 4:
-            raise ConversionError(
-                f"--seq-len must be at least 4 for {self.family.name} (sequences are split in halves)"
-            )
         self.global_batch = o.batch_size * o.grad_accum * self.world
         self.steps = resolve_steps(o, self.global_batch * self.seq_len)
         self.warmup = o.warmup if o.warmup is not None else min(200, max(1, self.steps // 20))
@@ -595,10 +607,20 @@ def uptrain(
     """Continue pre-training `model` on `o.data`; writes a complete checkpoint at `o.out`."""
     run = Uptraining(model, o, on_step, on_eval)
     run.check(dry_run)
-    run.setup()
-    report = run.plan(dry_run)
     if dry_run:
-        return report
+        run.setup()
+        return run.plan(dry_run)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process of a launch holds it for all
+        run.outdir.acquire()  # held until the output is written: one run per --out (and its saved state)
+    try:
+        return _run(run, o, on_start, on_eval)
+    finally:
+        run.outdir.release()
+
+
+def _run(run: Uptraining, o: UptrainOptions, on_start, on_eval) -> UptrainReport:
+    run.setup()
+    report = run.plan(False)
     run.prepare()
     run.resume()
     report.resumed_from = run.start_step

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import Family, context_length, family_for, head_shape
+from ..architectures import Family, check_length, context_length, family_for, head_shape
 from ..architectures.kvcache import CONTEXTS, kv_bytes_per_token
 from ..data import DataSource, build_stream, check_data, describe, iter_documents
 from ..errors import ConversionError, shown
@@ -85,8 +85,14 @@ def _reference_from_manifest(manifest: Manifest | None) -> str | None:
     )
 
 
-def _greedy(model: torch.nn.Module, tokenizer, prompt: str, n: int, device: str) -> str:
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+def _greedy(model: torch.nn.Module, family: Family, tokenizer, prompt: str, n: int, device: str) -> str:
+    enc = tokenizer(prompt, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:
+        if tokenizer.bos_token_id is None:
+            raise ConversionError("--prompt gives no tokens; give a prompt to generate from")
+        enc = tokenizer(tokenizer.bos_token or "", return_tensors="pt", add_special_tokens=False)
+    check_length(family, model.config.to_dict(), enc["input_ids"].shape[1] + n, "--prompt plus --generate")
+    enc = enc.to(device)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
     if model.config.is_encoder_decoder:
@@ -137,6 +143,7 @@ def _settings(
         raise ConversionError(f"--stride must be between 1 and --seq-len ({seq_len})")
     if family.objective == "seq2seq" and seq_len < 4:
         raise ConversionError(f"--seq-len must be at least 4 for {family.name} (windows are split in halves)")
+    check_length(family, config, seq_len, "--seq-len")
     causal = family.objective == "causal"
     return {
         "seq_len": seq_len,
@@ -163,6 +170,12 @@ def _stream(data, separator, text_field, tokenizer, max_tokens, settings, vocab:
             f"the tokenizer gives token id {int(stream.max())}, but the model has only {vocab} embeddings"
         )
     if ref is not None:
+        ref_vocab = ref.config.get("vocab_size")
+        if isinstance(ref_vocab, int) and int(stream.max()) >= ref_vocab:
+            raise ConversionError(
+                f"the tokenizer gives token id {int(stream.max())}, but the reference has only {ref_vocab} embeddings; "
+                "they cannot be compared"
+            )
         ref_tok = load_tokenizer(ref.root, trust, why="to score the reference")
         sample = next(iter_documents(data, separator=separator, text_field=text_field))[:2000]
         if (
@@ -214,6 +227,11 @@ def verify(
     if reference is None and use_manifest:
         reference = _reference_from_manifest(manifest)
     ref = _reference(reference, trust_remote_code, family)
+    if max_ppl_ratio is not None and (ref is None or not data):
+        raise ConversionError(
+            "--max-ppl-ratio compares with a reference on --data: give --data, and a reference "
+            "(--reference, or a conversion manifest naming its source)"
+        )
     torch_dtype = _resolve_dtype(dtype, source.config, device)
     largest = max(source.tensors.values(), key=lambda t: t.nbytes)
     kv_dtype = SAFETENSORS_DTYPES[largest.dtype]  # the checkpoint's own dtype, not the one measured in
@@ -244,7 +262,7 @@ def verify(
         on_stage("converted", len(stream))
         _measure(report.converted, model, family, stream, report.settings, device, on_tokens)
     if generate:
-        report.converted.sample = _greedy(model, tokenizer, prompt, generate, device)
+        report.converted.sample = _greedy(model, family, tokenizer, prompt, generate, device)
         report.settings["prompt"] = prompt
     del model
     gc.collect()
@@ -258,7 +276,7 @@ def verify(
             report.ppl_diff = report.converted.ppl - report.reference.ppl
         if generate:
             ref_tok = load_tokenizer(ref.root, trust_remote_code, why="to generate from the reference")
-            report.reference.sample = _greedy(model, ref_tok, prompt, generate, device)
+            report.reference.sample = _greedy(model, ref.family, ref_tok, prompt, generate, device)
         del model
     if max_ppl_ratio is not None and report.ppl_ratio is not None:
         report.passed = report.ppl_ratio <= max_ppl_ratio
