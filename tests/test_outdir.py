@@ -136,3 +136,17 @@ def test_interrupt_message_is_truthful_from_the_cli(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "left as it was" in " ".join(err.split())
     assert (tmp_path / "out" / "old.txt").read_text() == "old"
+
+
+def test_a_target_set_aside_by_a_killed_force_run_is_put_back(tmp_path):
+    """SIGKILL between the two renames of the fallback swap: the old target sits under its
+    set-aside name; the next run puts it back instead of removing it as stale."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.gqa-tmp-old-{int(dead.stdout)}"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    od = OutputDir(tmp_path / "out")
+    with pytest.raises(ConversionError, match="already exists"):
+        with od:
+            pass  # the restored target now exists: without --force the run refuses to replace it
+    assert (tmp_path / "out" / "old.txt").read_text() == "old" and not aside.exists()

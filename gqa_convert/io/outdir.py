@@ -97,6 +97,7 @@ class OutputDir:
         self.tmp: Path | None = None
         self.committed = False
         self.removed_stale: list[Path] = []
+        self.restored: Path | None = None  # an old target a killed --force run had set aside
         self._lock_fd: int | None = None
         self._lock_path = self.target.parent / f".{self.target.name}.gqa-convert.lock"
         self._created: list[Path] = []  # parent directories this run made, deepest first
@@ -215,8 +216,14 @@ class OutputDir:
         return sorted(found)
 
     def _remove_stale(self) -> None:
-        # We hold the lock, and each owner is dead: nobody else can be writing these.
+        # We hold the lock, and each owner is dead: nobody else can be writing these. A target
+        # set aside by a --force run killed between its two renames is put back, not removed.
+        prefix = f".{self.target.name}{TMP_TAG}old-"
         for stale in self._stale():
+            if stale.name.startswith(prefix) and not (self.target.exists() or self.target.is_symlink()):
+                os.rename(stale, self.target)
+                self.restored = stale
+                continue
             shutil.rmtree(stale, ignore_errors=True)
             self.removed_stale.append(stale)
 
@@ -238,6 +245,8 @@ class OutputDir:
             self._lock()
         try:
             self._remove_stale()
+            if self.restored is not None:
+                self.check()  # the target exists again: the usual rules apply to it
             self.tmp = self.target.parent / f".{self.target.name}{TMP_TAG}{os.getpid()}"
             self.tmp.mkdir()
         except OSError as e:
@@ -246,6 +255,9 @@ class OutputDir:
             raise ConversionError(
                 f"cannot write in {self.target.parent} ({e.strerror}); choose another --out."
             ) from None
+        except ConversionError:
+            self._unlock()
+            raise
         return self.tmp
 
     def commit(self) -> None:
