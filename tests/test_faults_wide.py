@@ -613,7 +613,7 @@ def test_force_onto_a_symlinked_target_is_refused_and_leaves_nothing(base, tmp_p
 
 def test_dangling_symlink_output_fails_only_after_the_work(base, tmp_path, monkeypatch):
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
-    import gqa_convert.conversion.convert as conv_mod
+    import gqa_convert.conversion.converter as conv_mod
 
     def no_streaming(*a, **k):
         raise AssertionError("weights were streamed before --out was found unusable")
@@ -664,7 +664,7 @@ def test_read_only_parent_found_only_after_calibration(base, tmp_path, monkeypat
     parent.mkdir()
     if not can_make_read_only(parent):
         pytest.skip("cannot make a directory read-only here")
-    import gqa_convert.conversion.convert as conv_mod
+    import gqa_convert.conversion.converter as conv_mod
 
     def calibrated(*a, **k):
         raise AssertionError("calibration ran before the output path was checked")
