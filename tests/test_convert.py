@@ -3,7 +3,9 @@ regrouping, what is written beside the weights, determinism."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,56 @@ def test_bad_shape_against_config(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="disagrees with config.json"):
         convert(src, 1, out=tmp_path / "o")
+
+
+def test_hub_cache_blob_is_not_hashed_again_and_its_name_is_recorded(tmp_path):
+    """A snapshot file that links to blobs/<sha256> is recorded under that hash without being
+    hashed again; a plain file next to it is hashed. The weights are the same either way."""
+    src = make_checkpoint(tmp_path, "llama")[0]
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+            blob.write_bytes(f.read_bytes())
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        else:
+            (snapshot / f.name).write_bytes(f.read_bytes())
+    convert(snapshot, 2, out=tmp_path / "from-cache")
+    convert(src, 2, out=tmp_path / "plain")
+    a = json.loads((tmp_path / "from-cache" / "gqa_convert.json").read_text())
+    b = json.loads((tmp_path / "plain" / "gqa_convert.json").read_text())
+    assert a["source"]["files"] == b["source"]["files"]  # the blob's name is the true hash
+    assert a["output"]["files"] == b["output"]["files"]
+    # a blob whose name is not its content's hash is recorded by that name: the name is trusted
+    f = next(snapshot.glob("*.safetensors"))
+    fake = blobs / ("0" * 64)
+    fake.write_bytes(f.resolve().read_bytes())
+    f.unlink()
+    f.symlink_to(os.path.relpath(fake, snapshot))
+    convert(snapshot, 2, out=tmp_path / "fake")
+    c = json.loads((tmp_path / "fake" / "gqa_convert.json").read_text())
+    assert c["source"]["files"][f.name] == "0" * 64
+
+
+@pytest.mark.parametrize("chunk", [4096, 4096 * 7 + 8])
+def test_reused_read_buffers_keep_every_hash_and_byte_right(tmp_path, monkeypatch, chunk):
+    """With chunks far smaller than the tensors, the reader's ring of reused buffers is
+    overwritten hundreds of times while hash updates are queued on it: the recorded SHA-256
+    of every source and output file must still be the file's, and the weights those of a
+    run with one chunk per tensor."""
+    import gqa_convert.io.reader as reader
+
+    src = make_checkpoint(tmp_path, "llama")[0]
+    convert(src, 2, out=tmp_path / "big-chunks")
+    monkeypatch.setattr(reader, "CHUNK", chunk)
+    convert(src, 2, out=tmp_path / "small-chunks")
+    m = json.loads((tmp_path / "small-chunks" / "gqa_convert.json").read_text())
+    for name, digest in m["source"]["files"].items():
+        assert digest == hashlib.sha256((src / name).read_bytes()).hexdigest()
+    for name, digest in m["output"]["files"].items():
+        data = (tmp_path / "small-chunks" / name).read_bytes()
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert data == (tmp_path / "big-chunks" / name).read_bytes()

@@ -12,7 +12,7 @@ import torch
 
 from ..io.hashing import Hashes, sha256_file
 from ..io.reader import SequentialReader
-from ..io.safetensors_format import tensor_bytes, tensor_from_bytes
+from ..io.safetensors_format import tensor_bytes, tensor_from_buffer
 from ..io.writer import ShardWriter
 from .layer import convert_layer
 from .plan import ConversionPlan, source_order
@@ -46,17 +46,27 @@ def write_weights(
     result = StreamResult({})
     reader: SequentialReader | None = None
 
-    def read_bytes(name: str) -> Iterator[bytes | memoryview]:
+    def reader_for(name: str) -> SequentialReader:
         nonlocal reader
-        info = source.tensors[name]
+        path = source.tensors[name].path
+        if reader is None or reader.path != path:
+            if reader is not None:
+                result.digests[reader.path.name] = reader.finish()
+            reader = SequentialReader(path, hashes)
+        return reader
+
+    def read_bytes(name: str) -> Iterator[bytes | memoryview]:
         if source.format != "safetensors":
             yield tensor_bytes(source.read(name))
             return
-        if reader is None or reader.path != info.path:
-            if reader is not None:
-                result.digests[reader.path.name] = reader.finish()
-            reader = SequentialReader(info.path, hashes)
-        yield from reader.chunks(info.begin, info.end)
+        info = source.tensors[name]
+        yield from reader_for(name).chunks(info.begin, info.end)
+
+    def read_tensor(name: str) -> torch.Tensor:
+        if source.format != "safetensors":
+            return source.read(name)
+        info = source.tensors[name]
+        return tensor_from_buffer(reader_for(name).read_into_new(info.begin, info.end), info.dtype, info.shape)
 
     try:
         for name in source_order(source):
@@ -65,16 +75,11 @@ def write_weights(
                 for _ in read_bytes(name):  # still read, so the source file's hash covers it
                     pass
             elif lp is None and name in plan.transpose_copies:  # Conv1D -> Linear for a sibling architecture
-                info = source.tensors[name]
-                t = tensor_from_bytes(b"".join(read_bytes(name)), info.dtype, info.shape)
-                writer.write(name, [tensor_bytes(t.T.contiguous())])
+                writer.write(name, [tensor_bytes(read_tensor(name).T.contiguous())])
             elif lp is None:
                 writer.write(name, read_bytes(name))  # untouched: bytes go straight through
             else:
-                info = source.tensors[name]
-                pending.setdefault(lp.layer, {})[name] = tensor_from_bytes(
-                    b"".join(read_bytes(name)), info.dtype, info.shape
-                )
+                pending.setdefault(lp.layer, {})[name] = read_tensor(name)
                 if name in plan.emit_after:
                     tensors = pending.pop(lp.layer)
                     if convert_block is not None:

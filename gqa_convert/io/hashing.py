@@ -1,6 +1,10 @@
 """SHA-256 without a second pass over the data: the converter feeds every byte it reads
 and writes through `Hashes`, whose updates run on worker threads (hashlib releases the
-GIL), overlapping the file I/O. `sha256_file` is for files read outside that stream."""
+GIL), overlapping the file I/O. `sha256_file` is for files read outside that stream.
+
+Buffers are reused (a fresh 16 MB object per chunk costs page faults and zero-filling in
+the kernel), so `Hashes` keeps track of which pending updates read which buffer:
+`release(buffer)` returns once nothing queued still reads it."""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _owner(data: bytes | bytearray | memoryview) -> int:
+    return id(data.obj) if isinstance(data, memoryview) else id(data)
+
+
 class Hashes:
     """Named running SHA-256 digests, updated off the main thread."""
 
@@ -28,15 +36,25 @@ class Hashes:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
         self._digests: dict[str, hashlib._Hash] = {}
         self._pending: dict[str, Future[None]] = {}
+        self._readers: dict[int, list[Future[None]]] = {}  # buffer id -> updates queued on it
 
-    def feed(self, key: str, data: bytes | memoryview) -> None:
+    def feed(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Queue `data` for digest `key`; updates of one digest stay in order. `data` must
-        not be modified until `wait(key)` (bytes objects are immutable, so pass those)."""
+        not be modified until `release(data)` or `wait(key)` has returned."""
         h = self._digests.setdefault(key, hashlib.sha256())
         prev = self._pending.get(key)
         if prev is not None:
             prev.result()  # keep at most one chunk per digest in flight, in order
-        self._pending[key] = self._pool.submit(h.update, data)
+        fut = self._pool.submit(h.update, data)
+        self._pending[key] = fut
+        readers = self._readers.setdefault(_owner(data), [])
+        readers[:] = [f for f in readers if not f.done()]
+        readers.append(fut)
+
+    def release(self, buffer: bytes | bytearray | memoryview) -> None:
+        """Wait until no queued update still reads `buffer` (so it may be overwritten)."""
+        for fut in self._readers.pop(_owner(buffer), []):
+            fut.result()
 
     def wait(self, key: str) -> None:
         f = self._pending.pop(key, None)
@@ -49,6 +67,7 @@ class Hashes:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._readers.clear()
 
     def __enter__(self) -> Hashes:
         return self
