@@ -114,3 +114,26 @@ def test_calibration_of_a_model_larger_than_the_memory_budget(tmp_path):
     assert offloaded.offloaded and not in_memory.offloaded
     for layer, m in in_memory.moments.items():
         torch.testing.assert_close(offloaded.moments[layer], m)
+
+
+@pytest.mark.parametrize("zero_head", [False, True])
+@pytest.mark.parametrize("rows,d", [(8, 32), (8, 12)])  # r*rows <= d (Gram of rows) and > d (Gram of columns)
+def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d):
+    """The eigen route gives the SVD's answer: the same best rank-k fit and residual, and
+    finite weights when the stack is rank deficient (a head that is all zeros)."""
+    from gqa_convert.methods.fold import Whitener, shared_subspace
+
+    gen = torch.Generator().manual_seed(0)
+    ALs = [torch.randn(rows, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    if zero_head:
+        ALs[1] = torch.zeros(rows, d, dtype=torch.float64)
+    Rs = [torch.eye(rows, dtype=torch.float64) for _ in ALs]
+    k = rows
+    S, Ms, res, tot = shared_subspace(ALs, Rs, k, Whitener.identity())
+    X = torch.cat(ALs)
+    U, s, Vt = torch.linalg.svd(X, full_matrices=False)
+    best = (U[:, :k] * s[:k]) @ Vt[:k]
+    assert torch.isfinite(S).all() and all(torch.isfinite(M).all() for M in Ms)
+    torch.testing.assert_close(torch.cat([M @ S for M in Ms]), best, rtol=1e-8, atol=1e-8)
+    assert res == pytest.approx(float((s[k:] ** 2).sum()), rel=1e-8, abs=1e-8)
+    assert tot == pytest.approx(float((s**2).sum()), rel=1e-10)

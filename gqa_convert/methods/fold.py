@@ -30,10 +30,16 @@ Tensor = torch.Tensor
 
 @dataclass
 class Whitener:
-    """C = L L' for the (bias-augmented) attention input; L_inv maps back."""
+    """C = L L' for the (bias-augmented) attention input; L_inv maps back. Without
+    calibration C = I: L and L_inv are None and nothing is multiplied (eigh of I is exactly
+    I, so this is the same result without the d x d products)."""
 
-    L: Tensor
-    L_inv: Tensor
+    L: Tensor | None
+    L_inv: Tensor | None
+
+    @staticmethod
+    def identity() -> Whitener:
+        return Whitener(None, None)
 
     @staticmethod
     def from_moment(C: Tensor, eps: float = 1e-6) -> Whitener:
@@ -41,6 +47,12 @@ class Whitener:
         e, U = torch.linalg.eigh((C + C.T) / 2)
         e = e.clamp_min(e.max().clamp_min(1e-30) * eps)
         return Whitener(U * e.sqrt(), (U / e.sqrt()).T)
+
+    def white(self, X: Tensor) -> Tensor:
+        return X if self.L is None else X @ self.L
+
+    def back(self, X: Tensor) -> Tensor:
+        return X if self.L_inv is None else X @ self.L_inv
 
 
 def psd_sqrt(P: Tensor) -> Tensor:
@@ -52,11 +64,26 @@ def shared_subspace(
     ALs: list[Tensor], Rs: list[Tensor], k: int, w: Whitener
 ) -> tuple[Tensor, list[Tensor], float, float]:
     """Best shared S (k x d) and per-head M_h (rows x k) minimising sum_h |R_h (A_h - M_h S) L|^2,
-    given the whitened A_h L. Returns (S, [M_h], residual, total energy)."""
+    given the whitened A_h L. Returns (S, [M_h], residual, total energy).
+
+    The top-k right singular vectors of the stacked X come from the eigenvectors of its
+    small Gram matrix X X' (r*rows square, r*rows <= d in practice) rather than from a full
+    SVD of the wide X: the same subspace for a fraction of the work at 7B shapes. Directions
+    that carry no energy (rank-deficient X: duplicate or zero heads) get a zero row in S."""
     X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
-    _, s, Vt = torch.linalg.svd(X, full_matrices=False)
-    B = Vt[:k]  # orthonormal rows: the shared subspace, whitened
-    return B @ w.L_inv, [AL @ B.T for AL in ALs], float((s[k:] ** 2).sum()), float((s**2).sum())
+    n, d = X.shape
+    if n <= d:
+        e, U = torch.linalg.eigh(X @ X.T)
+        e, U = e.flip(0).clamp_min(0), U.flip(1)  # descending
+        s = e[:k].sqrt()
+        keep = s > s[:1].clamp_min(1e-300) * 1e-10
+        B = (U[:, :k].T @ X) / torch.where(keep, s, 1.0)[:, None]
+        B = B * keep[:, None]
+    else:
+        e, V = torch.linalg.eigh(X.T @ X)
+        e, V = e.flip(0).clamp_min(0), V.flip(1)
+        B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
+    return w.back(B), [AL @ B.T for AL in ALs], float(e[k:].sum()), float(e.sum())
 
 
 def _rows(h: int, dims, hd: int) -> list[int]:
@@ -67,17 +94,32 @@ def _q_heads(k: int, m: int) -> range:
     return range(k * m, (k + 1) * m)
 
 
-def values(Wv: Tensor, Wo: Tensor, groups: list[list[int]], m: int, hd: int, w: Whitener, apply: bool = True):
-    """Wv: (n_kv*hd, d) augmented; Wo: (hidden, H*hd). Returns (new Wv (G*hd, d), new Wo, residual, total)."""
-    WvL = Wv @ w.L  # (n_kv*hd, d)
-    new_v, new_o = [], Wo.clone()
+def value_reach(Wo: Tensor, k: int, m: int, hd: int) -> Tensor:
+    """What of KV head k's values reaches the output: sqrt of the sum over its query heads of W_o^h' W_o^h."""
+    cols = [Wo[:, h * hd : (h + 1) * hd] for h in _q_heads(k, m)]
+    return psd_sqrt(sum(c.T @ c for c in cols))
+
+
+def values(
+    Wv: Tensor,
+    Wo: Tensor,
+    groups: list[list[int]],
+    m: int,
+    hd: int,
+    w: Whitener,
+    apply: bool = True,
+    WvL: Tensor | None = None,
+    Rv: list[Tensor] | None = None,
+):
+    """Wv: (n_kv*hd, d) augmented; Wo: (hidden, H*hd). Returns (new Wv (G*hd, d), new Wo, residual, total).
+    WvL, Rv: w.white(Wv) and value_reach(Wo, ...), when the caller has them (the grouping search
+    asks many times)."""
+    WvL = w.white(Wv) if WvL is None else WvL  # (n_kv*hd, d)
+    new_v, new_o = [], (Wo.clone() if apply else Wo)
     res = tot = 0.0
     for g in groups:
         ALs = [WvL[k * hd : (k + 1) * hd] for k in g]
-        Rs = []
-        for k in g:
-            cols = [Wo[:, h * hd : (h + 1) * hd] for h in _q_heads(k, m)]
-            Rs.append(psd_sqrt(sum(c.T @ c for c in cols)))  # what of V_h reaches the output
+        Rs = [value_reach(Wo, k, m, hd) for k in g] if Rv is None else [Rv[k] for k in g]
         S, Ms, r, t = shared_subspace(ALs, Rs, hd, w)
         res, tot = res + r, tot + t
         new_v.append(S)
@@ -88,10 +130,21 @@ def values(Wv: Tensor, Wo: Tensor, groups: list[list[int]], m: int, hd: int, w: 
     return torch.cat(new_v), new_o, res, tot
 
 
-def keys(Wk: Tensor, Wq: Tensor, groups: list[list[int]], m: int, hd: int, rope: Rope, w: Whitener, apply: bool = True):
-    """Wk: (n_kv*hd, d), Wq: (H*hd, d), both augmented. Returns (new Wk (G*hd, d), new Wq, residual, total)."""
-    WkL, WqL = Wk @ w.L, Wq @ w.L  # whitened rows
-    L_inv = w.L_inv.to(torch.complex128)
+def keys(
+    Wk: Tensor,
+    Wq: Tensor,
+    groups: list[list[int]],
+    m: int,
+    hd: int,
+    rope: Rope,
+    w: Whitener,
+    apply: bool = True,
+    whitened: tuple[Tensor, Tensor] | None = None,
+):
+    """Wk: (n_kv*hd, d), Wq: (H*hd, d), both augmented. Returns (new Wk (G*hd, d), new Wq, residual, total);
+    with apply=False only the residual and total are computed. whitened: (w.white(Wk), w.white(Wq))."""
+    WkL, WqL = (w.white(Wk), w.white(Wq)) if whitened is None else whitened  # whitened rows
+    L_inv = None if w.L_inv is None or not apply else w.L_inv.to(torch.complex128)
     new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
     new_q = Wq.clone()
     res = tot = 0.0
@@ -108,9 +161,9 @@ def keys(Wk: Tensor, Wq: Tensor, groups: list[list[int]], m: int, hd: int, rope:
             weight = energy.sqrt() + 1e-12 * energy.sqrt().max().clamp_min(1e-30)
             U, s, Vh = torch.linalg.svd(weight[:, None].to(z.dtype) * z, full_matrices=False)
             res, tot = res + float((s[1:] ** 2).sum()), tot + float((s**2).sum())
-            shared = Vh[0] @ L_inv  # the group's shared complex key row, original coordinates
-            new_k[gi * hd + a], new_k[gi * hd + b] = shared.real, shared.imag
             if apply:
+                shared = Vh[0] if L_inv is None else Vh[0] @ L_inv  # the shared complex key row, original coordinates
+                new_k[gi * hd + a], new_k[gi * hd + b] = shared.real, shared.imag
                 for j, k in enumerate(g):
                     c = U[j, 0] * s[0] / weight[j]  # head k's key ~ c * shared: fold conj(c) into its queries
                     for h in _q_heads(k, m):
@@ -156,7 +209,7 @@ class FoldProblem:
         self.biased = "k.bias" in tensors and "v.bias" in tensors
         d = tensors["q.weight"].shape[1] + (1 if self.biased else 0)
         C = torch.eye(d, dtype=torch.float64) if moment is None else moment.double()
-        self.w = Whitener.from_moment(C if self.biased else C[:d, :d])
+        self.w = Whitener.identity() if moment is None else Whitener.from_moment(C if self.biased else C[:d, :d])
         aug = (
             (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias")))
             if self.biased
@@ -164,23 +217,44 @@ class FoldProblem:
         )
         self.Wq, self.Wk, self.Wv = aug("q"), aug("k"), aug("v")
         self.Wo = tensors["o.weight"].double()
-        _, _, _, self.v_total = values(self.Wv, self.Wo, [[k] for k in range(n_kv)], self.m, hd, self.w, apply=False)
-        _, _, _, self.k_total = keys(
-            self.Wk, self.Wq, [[k] for k in range(n_kv)], self.m, hd, rope, self.w, apply=False
-        )
+        # Computed once: every cost() of the grouping search reuses them.
+        self.WvL, self.kq = self.w.white(self.Wv), (self.w.white(self.Wk), self.w.white(self.Wq))
+        self.Rv = [value_reach(self.Wo, k, self.m, hd) for k in range(n_kv)]
+        self.n_kv = n_kv
+        self._totals: tuple[float, float] | None = None
+
+    @property
+    def totals(self) -> tuple[float, float]:
+        """The value and key energies of the unconverted heads, which normalise cost(); only
+        the grouping search needs them, so they are computed on first use."""
+        if self._totals is None:
+            singles = [[k] for k in range(self.n_kv)]
+            m, hd, w = self.m, self.hd, self.w
+            _, _, _, v_total = values(self.Wv, self.Wo, singles, m, hd, w, False, self.WvL, self.Rv)
+            _, _, _, k_total = keys(self.Wk, self.Wq, singles, m, hd, self.rope, w, False, self.kq)
+            self._totals = (v_total, k_total)
+        return self._totals
+
+    @property
+    def v_total(self) -> float:
+        return self.totals[0]
+
+    @property
+    def k_total(self) -> float:
+        return self.totals[1]
 
     def cost(self, group: list[int]) -> float:
         """Relative error of sharing one K/V head in `group` (0 when the heads are equivalent)."""
-        _, _, rv, _ = values(self.Wv, self.Wo, [group], self.m, self.hd, self.w, apply=False)
+        _, _, rv, _ = values(self.Wv, self.Wo, [group], self.m, self.hd, self.w, False, self.WvL, self.Rv)
         cost = rv / max(self.v_total, 1e-30)
         if not self.key_norm:
-            _, _, rk, _ = keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, apply=False)
+            _, _, rk, _ = keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)
             cost += rk / max(self.k_total, 1e-30)
         return cost
 
     def convert(self, groups: list[list[int]]) -> dict[str, Tensor]:
         t, out = self.t, dict(self.t)
-        new_v, new_o, _, _ = values(self.Wv, self.Wo, groups, self.m, self.hd, self.w)
+        new_v, new_o, _, _ = values(self.Wv, self.Wo, groups, self.m, self.hd, self.w, True, self.WvL, self.Rv)
         out["v.weight"], out["o.weight"] = _split(new_v, t, "v", self.biased, out), new_o.to(t["o.weight"].dtype)
         if self.key_norm:  # a per-head norm sits between k_proj and RoPE: no exact fold, mean-pool the keys
             from .pooling import pool_heads
@@ -190,7 +264,7 @@ class FoldProblem:
                 if role in t:
                     out[role] = pool_heads(t[role], n_kv, G)
             return out
-        new_k, new_q, _, _ = keys(self.Wk, self.Wq, groups, self.m, self.hd, self.rope, self.w)
+        new_k, new_q, _, _ = keys(self.Wk, self.Wq, groups, self.m, self.hd, self.rope, self.w, True, self.kq)
         out["k.weight"] = _split(new_k, t, "k", self.biased, out)
         out["q.weight"] = _split(new_q, t, "q", self.biased and "q.bias" in t, out)
         return out
