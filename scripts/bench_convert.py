@@ -1,14 +1,25 @@
-"""Benchmark the converter against `cp -r` and the naive transformers route, side by side.
+"""Benchmark the converter against a copy that also syncs, side by side, in one run.
 
-Builds a synthetic checkpoint with a real model's shapes (Llama-2-7B in bf16 by default:
-random values, two shards as on the hub), then runs, each in its own process:
-  cp -r SRC DST                                  (the floor: just moving the bytes)
-  gqa-convert SRC --groups G                     (this project)
-  transformers: from_pretrained, edit, save_pretrained   (what people do by hand)
-and prints wall time and peak RSS of each, with ratios against cp.
+Builds a synthetic checkpoint with a real model's shapes (random bf16 values, two shards as
+on the hub: `--shape 1.1b` is TinyLlama-1.1B in MHA form, `--shape 7b` Llama-2-7B), then
+runs, each in its own process, in alternating pairs (A B A B ...):
 
-    python scripts/bench_convert.py                     # full 7B shapes: ~13.5 GB on disk, ~27 GB free needed
-    python scripts/bench_convert.py --layers 4          # a quick run with fewer layers
+  copy:   sh -c 'cp -r SRC DST && sync'          the floor: every byte read and written once, durable
+  convert: gqa-convert SRC --groups G             fsyncs every shard, hashes everything
+
+with a cold page cache (dropped before every run; needs root) and a warm one (the source
+read once beforehand), and prints per command the medians of wall time, CPU seconds (user,
+sys) and CPU seconds per GB, peak RSS, and the median of the per-pair ratio convert / copy.
+
+Further sections (--sections):
+  fold     `--method fold` (data-free) at G=8 and G=1 against mean pooling, warm cache
+  search   `--grouping search` cost per layer at 32 and 64 KV heads, in process
+  calib    calibration tokens/s on this CPU (fold --calib vs data-free fold, same process setup)
+  naive    the transformers route (from_pretrained, edit, save_pretrained), once
+
+    python scripts/bench_convert.py --shape 1.1b                   # ~2.2 GB, a few minutes
+    python scripts/bench_convert.py --shape 7b --pairs 3           # ~13.5 GB on disk, ~30 GB free
+    python scripts/bench_convert.py --shape 7b --sections fold,search
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gqa_convert.io.safetensors_format import build_header  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -46,6 +59,19 @@ LLAMA2_7B = {
     "eos_token_id": 2,
     "hidden_act": "silu",
     "initializer_range": 0.02,
+}
+SHAPES = {
+    "7b": (LLAMA2_7B, 10 * 1000**3),
+    "1.1b": (
+        {
+            **LLAMA2_7B,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "max_position_embeddings": 2048,
+        },
+        2 * 1000**3,
+    ),
 }
 
 NAIVE = r"""
@@ -119,82 +145,223 @@ def build_checkpoint(root: Path, cfg: dict, shard_bytes: int) -> int:
 
 
 def drop_caches() -> bool:
+    os.sync()
     try:
-        os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return True
     except OSError:
         return False
 
 
-def measure(cmd: list[str], cold: bool) -> tuple[float, int, bool]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    dropped = drop_caches() if cold else False
-    # GNU time measures its own fresh child: our (large) process's pages are not counted.
-    with tempfile.NamedTemporaryFile("r") as rss_file:
-        start = time.perf_counter()
-        proc = subprocess.run(
-            ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
-        rss_kib = int(rss_file.read().split()[-1])
-    return wall, rss_kib * 1024, dropped
+def warm_up(root: Path) -> None:
+    """Read every file of `root` once, so the source sits in the page cache."""
+    for p in sorted(root.iterdir()):
+        with open(p, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+class Run:
+    def __init__(self, wall: float, user: float, sys_: float, rss: int) -> None:
+        self.wall, self.user, self.sys, self.rss = wall, user, sys_, rss
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+
+CODE: Path | None = None  # --code: run gqa-convert from this checkout (to measure another version)
+
+
+def run_once(cmd: list[str]) -> Run:
+    """Wall time, CPU time and peak RSS of one child process (and what it waited for)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=CODE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+    return Run(wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024)
+
+
+def pairs(
+    a: tuple[str, list[str], Path], b: tuple[str, list[str], Path], n: int, cache: str, src: Path
+) -> tuple[list[Run], list[Run]]:
+    """n alternating runs of A and B (A first in odd pairs, B first in even ones); outputs
+    are removed, and written-back, between runs. cache: 'cold' drops the page cache before
+    every run, 'warm' reads the source once before every run."""
+    runs: dict[str, list[Run]] = {a[0]: [], b[0]: []}
+    for k in range(n):
+        for label, cmd, out in (a, b) if k % 2 == 0 else (b, a):
+            shutil.rmtree(out, ignore_errors=True)
+            if cache == "cold":
+                if not drop_caches():
+                    raise SystemExit("a cold cache needs root (/proc/sys/vm/drop_caches); use --cache warm")
+            else:
+                os.sync()
+                warm_up(src)
+            r = run_once(cmd)
+            runs[label].append(r)
+            print(
+                f"    {label:<12} {r.wall:7.2f} s wall  {r.user:6.2f} user  {r.sys:6.2f} sys  {r.rss / 2**30:5.2f} GiB",
+                flush=True,
+            )
+            shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    return runs[a[0]], runs[b[0]]
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def report_pairs(label_a: str, ra: list[Run], label_b: str, rb: list[Run], gb: float, cache: str) -> dict:
+    ratio = med([x.wall / y.wall for x, y in zip(ra, rb, strict=True)])
+    print(f"\n  {cache} cache, {len(ra)} pairs, {gb:.2f} GB; medians")
+    print(f"  {'run':<12} {'wall s':>7} {'user s':>7} {'sys s':>6} {'CPU s/GB':>9} {'peak RSS GiB':>13}")
+    row = {}
+    for label, rs in ((label_b, rb), (label_a, ra)):
+        w, u, s_, c, m = (med([getattr(r, f) for r in rs]) for f in ("wall", "user", "sys", "cpu", "rss"))
+        print(f"  {label:<12} {w:7.2f} {u:7.2f} {s_:6.2f} {c / gb:9.2f} {m / 2**30:13.2f}")
+        row[label] = {"wall": w, "user": u, "sys": s_, "cpu_per_gb": c / gb, "rss": m}
+    print(f"  {label_a} / {label_b}: {ratio:.2f}x wall (median of per-pair ratios)\n", flush=True)
+    row["ratio"] = ratio
+    return row
+
+
+def search_scaling(repeat: int) -> None:
+    """Seconds per layer of --grouping search with data-free fold costs, head_dim 128."""
+    from gqa_convert.architectures.rope import rope_layout
+    from gqa_convert.methods import grouping
+    from gqa_convert.methods.fold import FoldProblem
+
+    print(f"  {'KV heads':>8} {'hidden':>7} {'G':>3} {'cost calls':>10} {'s / layer':>9}")
+    for n_kv in (32, 64):
+        hd, d = 128, 128 * n_kv
+        gen = torch.Generator().manual_seed(0)
+        t = {
+            r: (torch.randn(d, d, generator=gen) * 0.02).to(torch.bfloat16)
+            for r in ("q.weight", "k.weight", "v.weight", "o.weight")
+        }
+        problem = FoldProblem(t, n_kv, n_kv, hd, None, rope_layout(hd, hd, "half"), key_norm=False)
+        for g in (8,):
+            times, calls = [], 0
+            for _ in range(repeat):
+                n = [0]
+
+                def cost(group: list[int], n: list[int] = n, p: FoldProblem = problem) -> float:
+                    n[0] += 1
+                    return p.cost(group)
+
+                t0 = time.perf_counter()
+                grouping.search(n_kv, g, cost)
+                times.append(time.perf_counter() - t0)
+                calls = n[0]
+            print(f"  {n_kv:>8} {d:>7} {g:>3} {calls:>10} {med(times):9.1f}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32, help="layers (32 = Llama-2-7B)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count (a quick run)")
     ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating pairs per comparison (medians)")
+    ap.add_argument("--cache", default="cold,warm", help="cold, warm or both")
+    ap.add_argument("--sections", default="copy", help="comma list of copy, fold, search, calib, naive")
+    ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
-    ap.add_argument("--skip-naive", action="store_true", help="skip the transformers route (needs ~14 GB RAM at 7B)")
-    ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each run")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--code", type=Path, default=None, help="a checkout whose gqa_convert to run (default: this one)")
     args = ap.parse_args()
+    global CODE
+    CODE = args.code
+    sections = set(args.sections.split(","))
 
-    cfg = {**LLAMA2_7B, "num_hidden_layers": args.layers}
+    cfg, shard_bytes = SHAPES[args.shape]
+    cfg = {**cfg, "num_hidden_layers": args.layers or cfg["num_hidden_layers"]}
     work = Path(tempfile.mkdtemp(prefix="gqa-bench-", dir=args.workdir))
+    figures: dict = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "groups": args.groups}
     try:
-        src = work / "llama-2-7b-shapes"
+        src = work / f"llama-{args.shape}-shapes"
         t0 = time.perf_counter()
-        total = build_checkpoint(src, cfg, shard_bytes=10 * 1000**3)
+        total = build_checkpoint(src, cfg, shard_bytes=shard_bytes)
+        gb = total / 1e9
         print(
-            f"built {src.name}: {args.layers} layers, {total / 1e9:.2f} GB bf16 in "
+            f"built {src.name}: {cfg['num_hidden_layers']} layers, {gb:.2f} GB bf16 in "
             f"{len(list(src.glob('*.safetensors')))} shards ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-        gqa = [sys.executable, "-m", "gqa_convert", str(src), "--groups", str(args.groups), "--quiet"]
-        runs = [
-            ("cp -r", ["cp", "-r", str(src), str(work / "copy")], work / "copy"),
-            ("gqa-convert", gqa + ["--out", str(work / "gqa")], work / "gqa"),
-        ]
-        if not args.skip_naive:
-            runs.append(
-                (
-                    "transformers",
-                    [sys.executable, "-c", NAIVE, str(src), str(work / "naive"), str(args.groups)],
-                    work / "naive",
+        py = [sys.executable, "-m", "gqa_convert"]
+
+        def gqa(out: Path, *extra: str, groups: int = args.groups) -> list[str]:
+            return py + [str(src), "--groups", str(groups), "--quiet", "--out", str(out), *extra]
+
+        copy = ("cp && sync", ["sh", "-c", f'cp -r "{src}" "{work / "copy"}" && sync'], work / "copy")
+        conv = ("gqa-convert", gqa(work / "gqa"), work / "gqa")
+        if "copy" in sections:
+            for cache in args.cache.split(","):
+                print(f"{cache} cache: convert --groups {args.groups} vs cp -r && sync", flush=True)
+                ra, rb = pairs(conv, copy, args.pairs, cache, src)
+                figures[f"copy_{cache}"] = report_pairs("gqa-convert", ra, "cp && sync", rb, gb, cache)
+        if "fold" in sections:
+            for g in (8, 1):
+                print(f"warm cache: fold (data-free) vs mean, G={g}", flush=True)
+                fold = ("fold", gqa(work / "fold", "--method", "fold", groups=g), work / "fold")
+                mean = ("mean", gqa(work / "mean", groups=g), work / "mean")
+                ra, rb = pairs(fold, mean, args.pairs, "warm", src)
+                figures[f"fold_g{g}"] = report_pairs("fold", ra, "mean", rb, gb, "warm")
+        if "calib" in sections:
+            tok = SHARED / "models" / "stories260K"
+            text = SHARED / "data" / "tinystories-valid-train.txt"
+            if not tok.is_dir() or not text.is_file():
+                print("calib: skipped, ../shared is absent", flush=True)
+            else:
+                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+                    if (tok / f).is_file():
+                        shutil.copy(tok / f, src / f)
+                n = args.calib_tokens
+                print(f"warm cache: fold --calib ({n} tokens) vs data-free fold, G={args.groups}", flush=True)
+                calib = (
+                    "fold --calib",
+                    gqa(
+                        work / "cal",
+                        "--method",
+                        "fold",
+                        "--calib",
+                        str(text),
+                        "--calib-tokens",
+                        str(n),
+                        "--calib-separator",
+                        "<|endoftext|>",
+                    ),
+                    work / "cal",
                 )
-            )
-        results = []
-        for label, cmd, out in runs:
-            wall, rss, cold = measure(cmd, not args.warm)
-            results.append((label, wall, rss))
-            print(
-                f"  {label:<13} {wall:8.1f} s  peak RSS {rss / 2**30:6.2f} GiB  ({'cold' if cold else 'warm'} cache)",
-                flush=True,
-            )
-            shutil.rmtree(out, ignore_errors=True)
-        base = results[0][1]
-        print(f"\n{'run':<13} {'wall s':>8} {'x cp':>6} {'peak RSS GiB':>13}")
-        for label, wall, rss in results:
-            print(f"{label:<13} {wall:8.1f} {wall / base:6.2f} {rss / 2**30:13.2f}")
-        print(
-            f"\ntargets: gqa-convert within 1.5x of cp's wall time, peak RSS under 2 GB "
-            f"(G={args.groups}, {args.layers} layers, {total / 1e9:.1f} GB)"
-        )
+                free = ("fold", gqa(work / "free", "--method", "fold"), work / "free")
+                ra, rb = pairs(calib, free, 1, "warm", src)
+                extra = ra[0].wall - rb[0].wall
+                print(
+                    f"  calibration: {extra:.1f} s for {n} tokens = {n / max(extra, 1e-9):.0f} tokens/s, "
+                    f"peak RSS {ra[0].rss / 2**30:.2f} GiB\n",
+                    flush=True,
+                )
+                figures["calib"] = {
+                    "tokens": n,
+                    "seconds": extra,
+                    "tokens_per_s": n / max(extra, 1e-9),
+                    "rss": ra[0].rss,
+                }
+        if "search" in sections:
+            print("--grouping search, data-free fold costs, per layer", flush=True)
+            search_scaling(repeat=1)
+        if "naive" in sections:
+            r = run_once([sys.executable, "-c", NAIVE, str(src), str(work / "naive"), str(args.groups)])
+            print(f"  transformers route: {r.wall:.1f} s, peak RSS {r.rss / 2**30:.2f} GiB", flush=True)
+            figures["naive"] = {"wall": r.wall, "rss": r.rss}
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
