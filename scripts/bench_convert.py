@@ -174,17 +174,22 @@ CODE: Path | None = None  # --code: run gqa-convert from this checkout (to measu
 
 
 def run_once(cmd: list[str]) -> Run:
-    """Wall time, CPU time and peak RSS of one child process (and what it waited for)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=CODE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    return Run(wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss * 1024)
+    """Wall time, CPU time and peak RSS of one child process (and what it waited for).
+    GNU time measures its own fresh child, so this (large) process's pages, which a forked
+    child carries until it execs, are not counted as the command's."""
+    with tempfile.NamedTemporaryFile("r") as stats:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", stats.name, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=CODE,
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
+        user, sys_, rss_kib = stats.read().split()[-3:]
+    return Run(wall, float(user), float(sys_), int(rss_kib) * 1024)
 
 
 def pairs(

@@ -66,3 +66,15 @@ def test_meta_device_shapes_70b():
     # Llama-2-70B's K projection: 64 heads x 128 rows, hidden 8192 — no memory on 'meta'
     k = torch.empty(64 * 128, 8192, device="meta", dtype=torch.bfloat16)
     assert pool_heads(k, 64, 8).shape == (8 * 128, 8192)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_agrees_with_isfinite(dtype, bad):
+    from gqa_convert.conversion.layer import all_finite
+
+    w = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    if bad is not None:
+        w[17, 3] = bad
+    w = w.to(dtype)
+    assert all_finite(w) == bool(torch.isfinite(w).all()) == (bad is None)

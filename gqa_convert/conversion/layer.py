@@ -59,6 +59,18 @@ def layer_context(plan: ConversionPlan, lp: LayerPlan, roles: list[str], moment:
     )
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. One pass: min and max propagate NaN, and an Inf is the min or
+    the max (several times faster than isfinite(t).all() on bf16)."""
+    if t.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(t)
+    except RuntimeError:  # a dtype without an aminmax kernel (float8)
+        return bool(torch.isfinite(t.to(torch.float16)).all())
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
 def linear_inputs(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The block's tensors by role, in Linear layout with q/k/v apart; K/V checked finite."""
     by_role: dict[str, torch.Tensor] = {}
@@ -68,7 +80,7 @@ def linear_inputs(plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.
         by_role[role] = parts[0] if len(names) == 1 and "{head}" not in plan.family.roles[role] else torch.stack(parts)
     by_role = _linear_roles(plan, by_role)
     for role, t in by_role.items():
-        if role in KV_ROLES and not torch.isfinite(t).all():
+        if role in KV_ROLES and not all_finite(t):
             name = lp.inputs.get(role, lp.inputs.get("qkv." + role.split(".")[1], ["?"]))[0]
             raise ConversionError(f"{name}: contains NaN or Inf; the checkpoint is damaged, fetch it again.")
     return by_role
