@@ -146,7 +146,7 @@ def keys(
     WkL, WqL = (w.white(Wk), w.white(Wq)) if whitened is None else whitened  # whitened rows
     L_inv = None if w.L_inv is None or not apply else w.L_inv.to(torch.complex128)
     new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
-    new_q = Wq.clone()
+    new_q = Wq.clone() if apply else Wq
     res = tot = 0.0
     for gi, g in enumerate(groups):
         for a, b in rope.planes:
