@@ -148,28 +148,36 @@ def keys(
     new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
     new_q = Wq.clone() if apply else Wq
     res = tot = 0.0
+    A = torch.tensor([a for a, _ in rope.planes], dtype=torch.long)
+    B = torch.tensor([b for _, b in rope.planes], dtype=torch.long)
+    Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
+    q_energy = Qw.square().sum(-1)  # (H, hd): how much each query row carries
     for gi, g in enumerate(groups):
-        for a, b in rope.planes:
-            z = torch.stack([torch.complex(WkL[k * hd + a], WkL[k * hd + b]) for k in g])  # (r, d) complex rows
-            # how much each head's queries use this frequency pair
-            energy = torch.stack(
-                [
-                    sum(WqL[h * hd + a].square().sum() + WqL[h * hd + b].square().sum() for h in _q_heads(k, m))
-                    for k in g
-                ]
-            )
-            weight = energy.sqrt() + 1e-12 * energy.sqrt().max().clamp_min(1e-30)
-            U, s, Vh = torch.linalg.svd(weight[:, None].to(z.dtype) * z, full_matrices=False)
-            res, tot = res + float((s[1:] ** 2).sum()), tot + float((s**2).sum())
+        if len(A):  # the rotary pairs, all at once
+            # every rotary pair at once: Z[p] holds the group's complex key rows (r, d) for pair p
+            Z = torch.complex(Kw[g][:, A], Kw[g][:, B]).transpose(0, 1)  # (P, r, d)
+            # how much each head's queries use each pair (the weight of its key in the fit)
+            energy = torch.stack([sum(q_energy[h, A] + q_energy[h, B] for h in _q_heads(k, m)) for k in g], 1)  # (P, r)
+            weight = energy.sqrt() + 1e-12 * energy.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
+            Y = weight.to(Z.dtype)[..., None] * Z
+            # the best rank-1 fit of each Y from the top eigenpair of its small r x r Gram matrix
+            e, U = torch.linalg.eigh(Y @ Y.mH)  # ascending
+            top, u = e[:, -1].clamp_min(0), U[:, :, -1]  # (P,), (P, r)
+            res, tot = res + float((e[:, :-1].clamp_min(0)).sum()), tot + float(e.clamp_min(0).sum())
             if apply:
-                shared = Vh[0] if L_inv is None else Vh[0] @ L_inv  # the shared complex key row, original coordinates
-                new_k[gi * hd + a], new_k[gi * hd + b] = shared.real, shared.imag
+                sigma = top.sqrt()
+                safe = torch.where(sigma > 0, sigma, 1.0)
+                Vh0 = (u.conj()[:, None, :] @ Y).squeeze(1) / safe[:, None]  # (P, d): the shared key rows
+                Vh0 = Vh0 * (sigma > 0)[:, None]
+                shared = Vh0 if L_inv is None else Vh0 @ L_inv  # original coordinates
+                new_k[gi * hd + A], new_k[gi * hd + B] = shared.real, shared.imag
+                c = u * sigma[:, None] / weight  # (P, r): head k's key ~ c * shared; conj(c) goes into its queries
                 for j, k in enumerate(g):
-                    c = U[j, 0] * s[0] / weight[j]  # head k's key ~ c * shared: fold conj(c) into its queries
+                    cr, ci = c[:, j].real[:, None], c[:, j].imag[:, None]
                     for h in _q_heads(k, m):
-                        qa, qb = Wq[h * hd + a], Wq[h * hd + b]
-                        new_q[h * hd + a] = c.real * qa + c.imag * qb
-                        new_q[h * hd + b] = c.real * qb - c.imag * qa
+                        qa, qb = Wq[h * hd + A], Wq[h * hd + B]
+                        new_q[h * hd + A] = cr * qa + ci * qb
+                        new_q[h * hd + B] = cr * qb - ci * qa
         if rope.linear:
             lin = list(rope.linear)
             ALs = [WkL[_rows(k, lin, hd)] for k in g]
