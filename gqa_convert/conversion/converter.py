@@ -260,9 +260,10 @@ def convert(
     if calib and method not in ("fold", "refine"):
         raise ConversionError(f"--calib is used by --method fold and refine only (not {shown(method)})")
     if method == "refine":
-        from .refine import check_refinable
+        from .refine import check_refinable, resolve_device
 
         check_refinable(plan)
+        refine_device = resolve_device(refine_device)
         if not calib:
             raise ConversionError("--method refine needs --calib TEXT (training text, never your evaluation text)")
     od = OutputDir(target, source.root, force)

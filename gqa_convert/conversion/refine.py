@@ -11,6 +11,7 @@ All optimisation is in float32; results are cast back to each tensor's dtype."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ BATCH_TOKENS = 2048  # tokens per Adam step
 HOLDOUT = 1 / 8  # share of the sequences held out (the last ones: never fitted on)
 EVAL_EVERY = 10  # steps between held-out evaluations
 PATIENCE = 5  # evaluations without improvement before stopping
+LOSSLESS = 1e-10  # held-out relative error below which a block is left as fold wrote it
 
 
 @dataclass
@@ -57,6 +59,17 @@ def check_refinable(plan: ConversionPlan) -> None:
         )
     if plan.emulate:
         raise ConversionError("--method refine writes native GQA only; drop --emulate or use --method fold")
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to refine on: the one named, checked, or CUDA when present."""
+    if device is None:
+        return calibration_device()
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConversionError(f"--refine-device {shown(device)}: choose cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError(f"--refine-device {device}: no CUDA device is available here; use cpu")
+    return device
 
 
 def _sequences(plan: ConversionPlan, data: list[str], tokens: int, separator: str | None) -> torch.Tensor:
@@ -121,6 +134,8 @@ def _fit(
             return sum(float(_loss(attn, x, t, scale)) for x, t in held) / len(held)
 
     best = before = held_loss()
+    if before < LOSSLESS:  # already exact (G = H, or identical heads): nothing to gain, never move it
+        return before, before, 0
     best_state = {k: p.detach().clone() for k, p in params.items()}
     opt = torch.optim.Adam(params.values(), lr=lr)
     order: list[int] = []
@@ -175,11 +190,7 @@ def refine(
     """Fold each block (with the calibration's moments), then refine the blocks in order."""
     started = time.perf_counter()
     quiet_transformers()
-    device = device or calibration_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConversionError(f"--refine-device {shown(device)}: no CUDA device is available here")
-    if not device.startswith(("cpu", "cuda")):
-        raise ConversionError(f"--refine-device {shown(device)}: choose cpu or cuda (or cuda:N)")
+    device = resolve_device(device)
     family, source = plan.family, plan.source
     seqs = _sequences(plan, data, tokens, separator)
     n_held = max(1, round(len(seqs) * HOLDOUT))
