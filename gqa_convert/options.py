@@ -21,8 +21,8 @@ from .errors import ConversionError
 DEFAULT_CALIB_TOKENS = 32768
 DEFAULT_VERIFY_TOKENS = 16384
 # --method refine (chosen once on the held-out slice of the training text; README "refine")
-DEFAULT_REFINE_STEPS = 200
-DEFAULT_REFINE_LR = 1e-3
+DEFAULT_REFINE_STEPS = 400
+DEFAULT_REFINE_LR = 3e-3
 DEFAULT_REFINE_TOKENS = 16384
 MAX_VERIFY_SEQ_LEN = 1024  # verify's default window: the model's context, at most this
 MAX_TRAIN_SEQ_LEN = 2048  # uptrain's and calibration's default sequence: the context, at most this

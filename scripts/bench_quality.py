@@ -131,6 +131,10 @@ def main() -> None:
         rows = {}
         for name, kw in methods.items():
             for g in gs:
+                plain = name.replace(" + search", "")
+                if g == 1 and plain != name and (plain, 1) in rows:  # one group holds every head: search is a no-op
+                    rows[(name, 1)] = rows[(plain, 1)]
+                    continue
                 r = convert(model_dir, g, out=work / "c", force=True, **kw)
                 rows[(name, g)] = ppl(str(work / "c"), args.tokens) / base
                 extra = ""

@@ -30,7 +30,7 @@ from .plan import ConversionPlan
 FIT_ROLES = ("q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight")
 SEQ_LEN = 256  # calibration sequence length (at most the model's context)
 BATCH_TOKENS = 2048  # tokens per Adam step
-HOLDOUT = 1 / 8  # share of the sequences held out (the last ones: never fitted on)
+HOLDOUT = 1 / 8  # share of --refine-tokens held out (never fitted on)
 EVAL_EVERY = 10  # steps between held-out evaluations
 PATIENCE = 5  # evaluations without improvement before stopping
 LOSSLESS = 1e-10  # held-out relative error below which a block is left as fold wrote it
@@ -72,19 +72,30 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _sequences(plan: ConversionPlan, data: list[str], tokens: int, separator: str | None) -> torch.Tensor:
-    """(n, seq_len) token ids from the calibration text; a short last window is dropped."""
+def _sequences(
+    plan: ConversionPlan, data: list[str], tokens: int, separator: str | None, skip: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(train, held-out) windows of token ids, (n, seq_len) each. The first `tokens` minus 1/8
+    are fitted on; the held-out 1/8 comes after the first `skip` tokens (fold's calibration)
+    where the text is long enough, so neither fold nor the fit has seen it (the bool says so)."""
     source = plan.source
     tokenizer = load_tokenizer(source.root, why="to tokenize the --calib text")
+    n_held = max(2, round(tokens * HOLDOUT))
+    n_train = tokens - n_held
     docs = iter_documents(data, separator=separator)
-    ids = build_stream(tokenizer, docs, tokens, bos=tokenizer.bos_token_id is not None).ids
-    seq_len = min(SEQ_LEN, context_length(plan.family, source.config), max(2, len(ids) // 2))
-    n = len(ids) // seq_len
-    if n < 2:
+    ids = build_stream(tokenizer, docs, max(n_train, skip) + n_held, bos=tokenizer.bos_token_id is not None).ids
+    disjoint = len(ids) >= max(n_train, skip) + n_held
+    if not disjoint:  # a short text: hold out its last 1/8
+        n_held = max(1, len(ids) // 8)
+        n_train = min(n_train, len(ids) - n_held)
+    train, held = ids[:n_train], ids[-n_held:]
+    seq_len = min(SEQ_LEN, context_length(plan.family, source.config), len(held), len(train))
+    if seq_len < 2:
         raise ConversionError(
-            f"--refine-tokens: the calibration text gives {len(ids)} tokens, too few for two windows of {seq_len}"
+            f"--refine-tokens: the calibration text gives {len(ids)} tokens, too few to fit on and hold some out"
         )
-    return ids[: n * seq_len].reshape(n, seq_len)
+    windows = lambda t: t[: len(t) // seq_len * seq_len].reshape(-1, seq_len)  # noqa: E731
+    return windows(train), windows(held), disjoint
 
 
 class _Stop(Exception):
@@ -192,11 +203,11 @@ def refine(
     quiet_transformers()
     device = resolve_device(device)
     family, source = plan.family, plan.source
-    seqs = _sequences(plan, data, tokens, separator)
-    n_held = max(1, round(len(seqs) * HOLDOUT))
-    per_batch = max(1, BATCH_TOKENS // seqs.shape[1])
+    train_seqs, held_seqs, disjoint = _sequences(plan, data, tokens, separator, calibration.tokens)
+    seq_len = int(train_seqs.shape[1])
+    per_batch = max(1, BATCH_TOKENS // seq_len)
     split = lambda s: [s[i : i + per_batch].to(device) for i in range(0, len(s), per_batch)]  # noqa: E731
-    train_ids, held_ids = split(seqs[:-n_held]), split(seqs[-n_held:])
+    train_ids, held_ids = split(train_seqs), split(held_seqs)
 
     src_model = load_model(source.root, family, torch.float32, device)
     for p in src_model.parameters():
@@ -248,10 +259,11 @@ def refine(
         "method": "refine",
         "steps": steps,
         "lr": lr,
-        "tokens": int(seqs.numel()),
-        "heldout_tokens": int(seqs[-n_held:].numel()),
-        "seq_len": int(seqs.shape[1]),
-        "batch_tokens": per_batch * int(seqs.shape[1]),
+        "tokens": int(train_seqs.numel() + held_seqs.numel()),
+        "heldout_tokens": int(held_seqs.numel()),
+        "heldout_unseen_by_fold": disjoint,  # held-out tokens come after fold's calibration tokens
+        "seq_len": seq_len,
+        "batch_tokens": per_batch * seq_len,
         "device": device,
         "seed": plan.seed,
         "calibration": {"files": calibration.files, "fold_tokens": calibration.tokens},
