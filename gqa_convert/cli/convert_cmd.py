@@ -159,7 +159,7 @@ def convert_command(
     refine_tokens: int = typer.Option(
         DEFAULT_REFINE_TOKENS,
         "--refine-tokens",
-        help="--method refine: tokens of --calib to fit on; the last 1/8 are held out.",
+        help="--method refine: tokens of --calib to use; 1/8 is held out (after fold's calibration tokens when the text is long enough).",
         rich_help_panel="Method",
     ),
     refine_device: Optional[str] = typer.Option(

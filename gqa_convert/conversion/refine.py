@@ -196,7 +196,6 @@ def refine(
     tokens: int,
     device: str | None = None,
     separator: str | None = None,
-    on_layer=lambda layer, rec: None,
 ) -> RefineResult:
     """Fold each block (with the calibration's moments), then refine the blocks in order."""
     started = time.perf_counter()
@@ -253,7 +252,6 @@ def refine(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         layers.append(rec)
-        on_layer(lp.layer, rec)
     del model, src_model
     record = {
         "method": "refine",
