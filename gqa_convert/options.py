@@ -20,6 +20,10 @@ from .errors import ConversionError
 
 DEFAULT_CALIB_TOKENS = 32768
 DEFAULT_VERIFY_TOKENS = 16384
+# --method refine (chosen once on the held-out slice of the training text; README "refine")
+DEFAULT_REFINE_STEPS = 400
+DEFAULT_REFINE_LR = 3e-3
+DEFAULT_REFINE_TOKENS = 16384
 MAX_VERIFY_SEQ_LEN = 1024  # verify's default window: the model's context, at most this
 MAX_TRAIN_SEQ_LEN = 2048  # uptrain's and calibration's default sequence: the context, at most this
 DEFAULT_MAX_SHARD = "5GB"  # transformers' default shard size
@@ -62,9 +66,7 @@ LIMITS: dict[str, Limit] = {
     "lora_rank": Limit(min=1, max=1 << 16, integer=True),
     "refine_steps": Limit(min=0, max=1 << 20, integer=True),
     "refine_lr": Limit(above=0, max=10),
-    "refine_tokens": Limit(min=2, max=1 << 40, integer=True),
-    "refine_batch": Limit(min=1, max=1 << 20, integer=True),
-    "refine_holdout": Limit(above=0, max=0.9),
+    "refine_tokens": Limit(min=4, max=1 << 40, integer=True),
 }
 
 

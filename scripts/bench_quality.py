@@ -31,7 +31,10 @@ METHODS = {
     "fold + search": dict(method="fold", grouping="search"),
     "fold + calib": dict(method="fold", calib=[TRAIN], calib_separator=SEP),
     "fold + calib + search": dict(method="fold", grouping="search", calib=[TRAIN], calib_separator=SEP),
+    "refine": dict(method="refine", calib=[TRAIN], calib_separator=SEP),
+    "refine + search": dict(method="refine", grouping="search", calib=[TRAIN], calib_separator=SEP),
 }
+BASELINES = ("mean", "first", "random")
 
 
 def ppl(path: str, tokens: int) -> float:
@@ -48,7 +51,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
     for ax, (model, rows) in zip(axes[0], results.items(), strict=True):
-        for method in METHODS:
+        for method in {m for m, _ in rows}:
             pts = sorted((g, r) for (m, g), r in rows.items() if m == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
         ax.set_xscale("log", base=2)
@@ -109,36 +112,57 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
     ap.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per model")
     ap.add_argument("--uptrain-steps", type=int, default=0)
+    ap.add_argument("--models", nargs="*", help="model directory names in ../shared/models [default: all]")
+    ap.add_argument("--methods", nargs="*", help=f"rows to run [default: all of {', '.join(METHODS)}]")
     args = ap.parse_args()
+    methods = {k: v for k, v in METHODS.items() if not args.methods or k in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gqa-quality-"))
     results: dict[str, dict] = {}
     md = []
     for model_dir in sorted((SHARED / "models").iterdir()):
+        if args.models and model_dir.name not in args.models:
+            continue
         src = open_source(model_dir)
         n_heads = src.config["num_attention_heads"]
         n_kv = src.config.get("num_key_value_heads") or n_heads
         gs = [g for g in valid_groups(n_heads, n_kv) if g < n_kv]
         base = ppl(str(model_dir), args.tokens)
         rows = {}
-        for name, kw in METHODS.items():
+        for name, kw in methods.items():
             for g in gs:
-                convert(model_dir, g, out=work / "c", force=True, **kw)
+                plain = name.replace(" + search", "")
+                if g == 1 and plain != name and (plain, 1) in rows:  # one group holds every head: search is a no-op
+                    rows[(name, 1)] = rows[(plain, 1)]
+                    continue
+                r = convert(model_dir, g, out=work / "c", force=True, **kw)
                 rows[(name, g)] = ppl(str(work / "c"), args.tokens) / base
-                print(f"{model_dir.name:<16} G={g} {name:<24} x{rows[(name, g)]:.3f}", flush=True)
+                extra = ""
+                if r.refinement:
+                    layers = r.refinement["layers"]
+                    extra = f"  refine {r.refinement['seconds']:.1f} s, " + ", ".join(
+                        f"L{x['layer']} {x['heldout_before']:.3f}->{x['heldout_after']:.3f} "
+                        f"({x['steps']} steps, {x['seconds']:.1f} s)"
+                        for x in layers
+                    )
+                print(
+                    f"{model_dir.name:<16} G={g} {name:<24} x{rows[(name, g)]:.3f}  {r.seconds:.1f} s{extra}",
+                    flush=True,
+                )
         results[f"{model_dir.name} (H={n_heads}, KV={n_kv})"] = rows
         md.append(f"**{model_dir.name}** (source perplexity {base:.3f}; {n_heads} query heads, {n_kv} KV heads)\n")
         md.append("| method | " + " | ".join(f"G={g}" for g in gs) + " |")
         md.append("|---|" + "---|" * len(gs))
-        for name in METHODS:
+        for name in methods:
             md.append(f"| {name} | " + " | ".join(f"{rows[(name, g)]:.3f}" for g in gs) + " |")
-        mean = {g: rows[("mean", g)] - 1 for g in gs}
-        best = {g: min(rows[(n, g)] for n in METHODS if n.startswith("fold")) - 1 for g in gs}
-        md.append(
-            "| best fold excess / mean excess | "
-            + " | ".join(f"{best[g] / mean[g]:.3f}" if mean[g] > 1e-6 else "-" for g in gs)
-            + " |\n"
-        )
+        if "mean" in methods and set(methods) - set(BASELINES):
+            mean = {g: rows[("mean", g)] - 1 for g in gs}
+            best = {g: min(rows[(n, g)] for n in methods if n not in BASELINES) - 1 for g in gs}
+            md.append(
+                "| best excess / mean excess | "
+                + " | ".join(f"{best[g] / mean[g]:.3f}" if mean[g] > 1e-6 else "-" for g in gs)
+                + " |\n"
+            )
     plot(results, args.out / "quality.png")
     if args.uptrain_steps:
         md.append(

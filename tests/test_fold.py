@@ -93,7 +93,7 @@ def test_calibrated_fold_records_calibration(tmp_path):
     m = json.loads((tmp_path / "c" / "gqa_convert.json").read_text())["conversion"]
     assert m["method"] == "fold" and m["calibration"]["tokens"] == 2048
     assert len(m["calibration"]["files"][str(train)]) == 64
-    with pytest.raises(Exception, match="--calib is used by --method fold only"):
+    with pytest.raises(Exception, match="--calib is used by --method fold and refine only"):
         convert(mha, 2, out=tmp_path / "x", calib=[str(train)])
 
 

@@ -73,6 +73,7 @@ class Family:
     key_norm: str | None = None  # config flag (or "always") for a per-head norm between k_proj and RoPE
     embed: str = "model.embed_tokens.weight"  # the input embedding, which a tied output head shares
     lm_head: str = "lm_head.weight"
+    refine: bool = False  # --method refine fits this family's own attention module (separate q/k/v/o, native GQA)
 
 
 _FUSED = {"qkv.weight": "query_key_value.weight", "qkv.bias": "query_key_value.bias", "o.weight": "dense.weight"}
@@ -80,14 +81,14 @@ _C_ATTN = {"qkv.weight": "c_attn.weight", "qkv.bias": "c_attn.bias", "o.weight":
 _GPT = {"heads_key": "n_head", "layers_key": "n_layer", "hidden_key": "n_embd", "head_dim_key": None}
 
 FAMILIES: tuple[Family, ...] = (
-    Family("Llama", ("llama",), _SEPARATE_QKVO),
-    Family("Mistral", ("mistral",), _SEPARATE_QKVO),
-    Family("Mixtral", ("mixtral",), _SEPARATE_QKVO),
-    Family("Qwen2", ("qwen2",), _SEPARATE_QKVO),
+    Family("Llama", ("llama",), _SEPARATE_QKVO, refine=True),
+    Family("Mistral", ("mistral",), _SEPARATE_QKVO, refine=True),
+    Family("Mixtral", ("mixtral",), _SEPARATE_QKVO, refine=True),
+    Family("Qwen2", ("qwen2",), _SEPARATE_QKVO, refine=True),
     Family("Qwen3", ("qwen3",), _SEPARATE_QKVO, key_norm="always"),
-    Family("Gemma", ("gemma",), _SEPARATE_QKVO),
-    Family("Gemma2", ("gemma2",), _SEPARATE_QKVO),
-    Family("OLMo", ("olmo",), _SEPARATE_QKVO),
+    Family("Gemma", ("gemma",), _SEPARATE_QKVO, refine=True),
+    Family("Gemma2", ("gemma2",), _SEPARATE_QKVO, refine=True),
+    Family("OLMo", ("olmo",), _SEPARATE_QKVO, refine=True),
     Family(
         "StableLM",
         ("stablelm",),
@@ -99,8 +100,8 @@ FAMILIES: tuple[Family, ...] = (
         default_partial_rotary=0.25,
         key_norm="qk_layernorm",
     ),
-    Family("Starcoder2", ("starcoder2",), _SEPARATE_QKVO),
-    Family("Granite", ("granite",), _SEPARATE_QKVO),
+    Family("Starcoder2", ("starcoder2",), _SEPARATE_QKVO, refine=True),
+    Family("Granite", ("granite",), _SEPARATE_QKVO, refine=True),
     Family(
         "Cohere",
         ("cohere",),

@@ -13,7 +13,13 @@ from rich.table import Table
 from ..architectures.kvcache import human_bytes
 from ..conversion import ConversionPlan, ConvertReport, convert
 from ..methods import METHODS
-from ..options import DEFAULT_CALIB_TOKENS, DEFAULT_MAX_SHARD
+from ..options import (
+    DEFAULT_CALIB_TOKENS,
+    DEFAULT_MAX_SHARD,
+    DEFAULT_REFINE_LR,
+    DEFAULT_REFINE_STEPS,
+    DEFAULT_REFINE_TOKENS,
+)
 from .common import console, print_json, user_errors
 from .options import Force, Json, Quiet, Revision, TrustRemoteCode
 
@@ -28,6 +34,8 @@ EPILOG = """[bold]Examples[/]
   gqa-convert ./model --groups 2 --method first --json > report.json
 
   gqa-convert ./model --groups 2 --method fold --grouping search --calib train.txt
+
+  gqa-convert ./model --mqa --method refine --calib train.txt --refine-steps 400
 
 Exit codes: 0 success, 2 bad input or usage, 1 unexpected failure, 130 interrupted."""
 
@@ -53,6 +61,15 @@ def _summary(r: ConvertReport) -> Table:
         f"(saves {kv['saving']:.1%})",
     )
     t.add_row("size", f"{human_bytes(r.bytes_in)} -> {human_bytes(r.bytes_out)} in {len(r.shards)} shard(s)")
+    if r.refinement:
+        layers = r.refinement["layers"]
+        before = sum(x["heldout_before"] for x in layers) / max(len(layers), 1)
+        after = sum(x["heldout_after"] for x in layers) / max(len(layers), 1)
+        t.add_row(
+            "refined",
+            f"held-out attention error {before:.4g} -> {after:.4g} (mean of {len(layers)} layers), "
+            f"{r.refinement['seconds']:.1f} s on {r.refinement['device']}",
+        )
     if not r.dry_run:
         t.add_row("time", f"{r.seconds:.1f} s")
     for note in r.notes:
@@ -115,7 +132,7 @@ def convert_command(
     calib: Optional[list[str]] = typer.Option(
         None,
         "--calib",
-        help="Calibration text for --method fold (same formats as verify; never your evaluation text). Repeat for several.",
+        help="Calibration text for --method fold and refine (same formats as verify; never your evaluation text). Repeat for several.",
         rich_help_panel="Method",
     ),
     calib_tokens: int = typer.Option(
@@ -129,6 +146,27 @@ def convert_command(
         "--calib-separator",
         help="Document separator in --calib text files \\[default: blank lines].",
         rich_help_panel="Method",
+    ),
+    refine_steps: int = typer.Option(
+        DEFAULT_REFINE_STEPS,
+        "--refine-steps",
+        help="--method refine: Adam steps per layer at most (stops early when the held-out loss stalls).",
+        rich_help_panel="Method",
+    ),
+    refine_lr: float = typer.Option(
+        DEFAULT_REFINE_LR, "--refine-lr", help="--method refine: Adam learning rate.", rich_help_panel="Method"
+    ),
+    refine_tokens: int = typer.Option(
+        DEFAULT_REFINE_TOKENS,
+        "--refine-tokens",
+        help="--method refine: tokens of --calib to use; 1/8 is held out (after fold's calibration tokens when the text is long enough).",
+        rich_help_panel="Method",
+    ),
+    refine_device: Optional[str] = typer.Option(
+        None,
+        "--refine-device",
+        help="--method refine: cpu, cuda or cuda:N \\[default: cuda when present].",
+        rich_help_panel="Performance",
     ),
     trust_remote_code: TrustRemoteCode = False,
     out: Optional[Path] = typer.Option(
@@ -204,6 +242,10 @@ def convert_command(
                 calib=calib,
                 calib_tokens=calib_tokens,
                 calib_separator=calib_separator,
+                refine_steps=refine_steps,
+                refine_lr=refine_lr,
+                refine_tokens=refine_tokens,
+                refine_device=refine_device,
                 trust_remote_code=trust_remote_code,
                 on_start=on_start,
                 on_bytes=on_bytes,

@@ -30,7 +30,14 @@ from ..io.safetensors_format import itemsize
 from ..io.source import Source, open_source
 from ..io.writer import check_written, shard_file_names
 from ..manifest import MANIFEST, ConversionRecord, Manifest, SourceRecord, model_card
-from ..options import DEFAULT_CALIB_TOKENS, DEFAULT_MAX_SHARD, check
+from ..options import (
+    DEFAULT_CALIB_TOKENS,
+    DEFAULT_MAX_SHARD,
+    DEFAULT_REFINE_LR,
+    DEFAULT_REFINE_STEPS,
+    DEFAULT_REFINE_TOKENS,
+    check,
+)
 from .calibrate import Calibration, collect
 from .plan import ConversionPlan, build_plan
 from .stream import StreamResult, write_weights
@@ -63,6 +70,7 @@ class ConvertReport:
     removed_stale: list[str] = field(default_factory=list)
     emulated: bool = False  # K/V heads repeated back to the source count: GQA-G quality, no memory saved
     notes: list[str] = field(default_factory=list)  # what changed beyond K/V (e.g. an untied output head)
+    refinement: dict[str, Any] | None = None  # --method refine: held-out loss per layer, seconds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +217,10 @@ def convert(
     calib: list[str] | None = None,
     calib_tokens: int = DEFAULT_CALIB_TOKENS,
     calib_separator: str | None = None,
+    refine_steps: int = DEFAULT_REFINE_STEPS,
+    refine_lr: float = DEFAULT_REFINE_LR,
+    refine_tokens: int = DEFAULT_REFINE_TOKENS,
+    refine_device: str | None = None,
     trust_remote_code: bool = False,
     on_start: Callable[[ConversionPlan], None] | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
@@ -219,10 +231,18 @@ def convert(
     Writes a complete checkpoint at `out` (default: beside the source, suffixed -gqaG or
     -mqa) or nothing at all. `on_start` receives the plan before writing begins and
     `on_bytes` the number of bytes each write added (for progress bars).
+    `refine_*` tune --method refine: Adam steps per layer at most, learning rate, calibration
+    tokens (1/8 held out) and device (default: CUDA when present).
     Raises ConversionError for every problem a user can fix.
     """
     started = time.perf_counter()
-    check(seed=seed, calib_tokens=calib_tokens)
+    check(
+        seed=seed,
+        calib_tokens=calib_tokens,
+        refine_steps=refine_steps,
+        refine_lr=refine_lr,
+        refine_tokens=refine_tokens,
+    )
     source = open_source(model, revision, check_config=family_for)
     plan = build_plan(
         source,
@@ -237,8 +257,15 @@ def convert(
     if out is not None and not str(out).strip():
         raise ConversionError("--out is empty; name the output directory (an unset shell variable?)")
     target = Path(out) if out is not None else default_output(source, n_groups)
-    if calib and method != "fold":
-        raise ConversionError(f"--calib is used by --method fold only (not {shown(method)})")
+    if calib and method not in ("fold", "refine"):
+        raise ConversionError(f"--calib is used by --method fold and refine only (not {shown(method)})")
+    if method == "refine":
+        from .refine import check_refinable, resolve_device
+
+        check_refinable(plan)
+        refine_device = resolve_device(refine_device)
+        if not calib:
+            raise ConversionError("--method refine needs --calib TEXT (training text, never your evaluation text)")
     od = OutputDir(target, source.root, force)
     od.check()  # refuse a bad --out before any work; a dry run refuses it too, and creates nothing
     od.check_writable()
@@ -253,16 +280,32 @@ def convert(
         return report
     if calib:
         calibration = _calibrate(plan, calib, calib_tokens, calib_separator, trust_remote_code)
+    refined = None
+    if method == "refine" and calibration is not None:
+        from .refine import refine
+
+        refined = refine(
+            plan,
+            calibration,
+            calib,
+            steps=refine_steps,
+            lr=refine_lr,
+            tokens=refine_tokens,
+            device=refine_device,
+            separator=calib_separator,
+        )
+        report.refinement = refined.record
     if on_start:
         on_start(plan)
     command = command or shlex.join(["gqa-convert", *sys.argv[1:]])
     moments = calibration.moments if calibration is not None else None
     with writing_errors(target), od as tmp, Hashes() as hashes:
-        streamed = write_weights(plan, tmp, hashes, on_bytes, moments)
+        block = refined.convert_block if refined is not None else None
+        streamed = write_weights(plan, tmp, hashes, on_bytes, moments, convert_block=block)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")
         copy_files(source.root, copied, tmp)
         check_written(tmp, [list(s) for s in plan.shards])
-        manifest = build_manifest(plan, report, streamed, copied, command, calibration)
+        manifest = build_manifest(plan, report, streamed, copied, command, calibration, report.refinement)
         manifest.write(tmp)
         (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
         od.commit()

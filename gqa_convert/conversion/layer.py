@@ -90,6 +90,15 @@ def convert_layer(
     plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor], moment: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
     """Run the method on one block: (output tensors by output name, the KV heads of each group)."""
+    converted, groups = method_roles(plan, lp, tensors, moment)
+    return stored_outputs(plan, lp, converted), groups
+
+
+def method_roles(
+    plan: ConversionPlan, lp: LayerPlan, tensors: dict[str, torch.Tensor], moment: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """The method's converted block by role, in Linear layout (what refinement starts from),
+    and the KV heads of each group."""
     by_role = linear_inputs(plan, lp, tensors)
     ctx = layer_context(plan, lp, list(by_role), moment)
     s = plan.shape
@@ -98,7 +107,7 @@ def convert_layer(
         groups = head_grouping.search(s.n_kv_heads, plan.n_groups, fold_problem(by_role, ctx).cost)
         # make each group contiguous; a head permutation leaves the function unchanged
         by_role = head_grouping.permute(by_role, [h for g in groups for h in g], s.n_heads, s.n_kv_heads)
-    return stored_outputs(plan, lp, plan.method.convert_layer(by_role, ctx)), groups
+    return plan.method.convert_layer(by_role, ctx), groups
 
 
 def stored_outputs(plan: ConversionPlan, lp: LayerPlan, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -86,6 +86,13 @@ METHODS: dict[str, Method] = {
             "uses --calib statistics when given",
             _fold,
         ),
+        # The converter refines fold's blocks through the model (conversion/refine.py); alone, a block is fold's.
+        Method(
+            "refine",
+            "fold's solution (with --calib), then each layer's attention fitted in order through the converted "
+            "model to the source layer's output, with a held-out slice",
+            _fold,
+        ),
     )
 }
 
