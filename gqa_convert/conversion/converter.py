@@ -30,6 +30,7 @@ from ..io.safetensors_format import itemsize
 from ..io.source import Source, open_source
 from ..io.writer import check_written, shard_file_names
 from ..manifest import MANIFEST, ConversionRecord, Manifest, SourceRecord, model_card
+from ..methods import get_method
 from ..options import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_MAX_SHARD,
@@ -264,8 +265,8 @@ def convert(
 
         check_refinable(plan)
         refine_device = resolve_device(refine_device)
-        if not calib:
-            raise ConversionError("--method refine needs --calib TEXT (training text, never your evaluation text)")
+    if get_method(method).needs_calib and not calib:
+        raise ConversionError(f"--method {method} needs --calib TEXT (training text, never your evaluation text)")
     od = OutputDir(target, source.root, force)
     od.check()  # refuse a bad --out before any work; a dry run refuses it too, and creates nothing
     od.check_writable()

@@ -182,7 +182,11 @@ def run_demo(
             if g == s.heads and method != "mean":
                 continue  # G = H is the source itself for every method
             dest = out / f"{method}-g{g}"
-            conv = convert(src, g, out=dest, method=method, force=True, command=f"gqa-convert demo ({method}, G={g})")
+            # a method that must calibrate does so on the demo's training text, never on its evaluation text
+            calib = [str(train_text)] if METHODS[method].needs_calib else None
+            conv = convert(
+                src, g, out=dest, method=method, calib=calib, force=True, command=f"gqa-convert demo ({method}, G={g})"
+            )
             v = verify(str(dest), reference=str(src), **common)
             report.rows.append(
                 {

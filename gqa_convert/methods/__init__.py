@@ -42,6 +42,7 @@ class Method:
     name: str
     summary: str
     convert_layer: LayerFn
+    needs_calib: bool = False  # refuses to run without --calib
 
 
 def _per_kv_role(fn: Callable[[str, torch.Tensor, LayerContext], torch.Tensor]) -> LayerFn:
@@ -92,6 +93,7 @@ METHODS: dict[str, Method] = {
             "fold's solution (with --calib), then each layer's attention fitted in order through the converted "
             "model to the source layer's output, with a held-out slice",
             _fold,
+            needs_calib=True,
         ),
     )
 }
