@@ -1,14 +1,26 @@
 """Streaming safetensors shards: every header is computed from the plan up front, then
 tensor bytes are appended as they become ready. Nothing is buffered beyond the tensor
-being written, so peak memory does not depend on shard or model size."""
+being written (and two 16 MB staging buffers), so peak memory does not depend on shard or
+model size.
+
+Shards are written with O_DIRECT where the filesystem allows it: bytes go from a staging
+buffer to the disk, not through the page cache. A buffered write costs a kernel copy into
+freshly allocated page-cache pages (on the 2-core test machine about 2 s of CPU per GB,
+four times what reading costs) and writeback later; with O_DIRECT the CPU cost of writing
+is the copy into the staging buffer. Writes run on a thread of their own, overlapping the
+reading and hashing of what comes next. Where O_DIRECT is refused (tmpfs, some FUSE
+filesystems) the writer falls back to buffered writes with early writeback."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +51,113 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _start_writeback = _libc_sync_file_range() if os.uname().sysname == "Linux" else None
+
+STAGE = 16 * 1024 * 1024  # bytes per direct write (a multiple of ALIGN)
+ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+
+
+class DirectFile:
+    """Appends to a file opened with O_DIRECT through two aligned staging buffers: one is
+    filled while the other is written by a background thread. `finish` writes the tail
+    (padded to ALIGN, then truncated back) and waits; the caller still fsyncs."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._bufs = [mmap.mmap(-1, STAGE) for _ in range(2)]  # anonymous maps are page-aligned
+        self._views = [memoryview(b) for b in self._bufs]
+        self._pending: list[Future[None] | None] = [None, None]
+        self._cur = 0
+        self._fill = 0  # bytes in the current buffer
+        self._offset = 0  # file offset of the current buffer's first byte
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-write")
+
+    @staticmethod
+    def probe(fd: int) -> bool:
+        """Whether direct writes work on this file (the block written is overwritten later)."""
+        block = mmap.mmap(-1, ALIGN)
+        try:
+            return os.pwrite(fd, block, 0) == ALIGN
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        finally:
+            block.close()
+
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+        while len(view):
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._to_buffered():
+                    raise
+                continue  # the same bytes again, buffered: the real error (if any) shows there
+            view, offset = view[n:], offset + n
+
+    def _to_buffered(self) -> bool:
+        """Turn O_DIRECT off for the rest of the file, after a direct write was refused
+        mid-file (a file-size limit cuts a write to an unaligned length, which O_DIRECT
+        refuses as EINVAL). False if it was already off."""
+        import fcntl
+
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
+
+    def _submit(self, nbytes: int) -> None:
+        """Write the current buffer's first `nbytes` (a multiple of ALIGN) in the background."""
+        view = self._views[self._cur][:nbytes]
+        self._pending[self._cur] = self._pool.submit(self._pwrite_all, view, self._offset)
+        self._offset += nbytes
+        self._cur ^= 1
+        self._fill = 0
+        prev = self._pending[self._cur]  # the buffer about to be filled must be written out first
+        if prev is not None:
+            self._pending[self._cur] = None
+            prev.result()
+
+    def append(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            k = min(len(view), STAGE - self._fill)
+            self._views[self._cur][self._fill : self._fill + k] = view[:k]
+            self._fill += k
+            view = view[k:]
+            if self._fill == STAGE:
+                self._submit(STAGE)
+
+    def finish(self) -> None:
+        try:
+            size = self._offset + self._fill
+            if self._fill:
+                self._submit(-(-self._fill // ALIGN) * ALIGN)  # padded; the padding is cut off below
+            self._wait()
+            os.ftruncate(self.fd, size)
+        finally:
+            self.close()
+
+    def _wait(self) -> None:
+        for i, fut in enumerate(self._pending):
+            self._pending[i] = None
+            if fut is not None:
+                fut.result()
+
+    def close(self) -> None:
+        """Wait for any write in flight (errors ignored: the caller is already failing) and free."""
+        for fut in self._pending:
+            if fut is not None:
+                fut.exception()
+        self._pending = [None, None]
+        self._pool.shutdown(wait=True)
+        for v in self._views:
+            v.release()
+        for b in self._bufs:
+            try:
+                b.close()
+            except BufferError:  # a failed write's traceback still holds a view: freed with it
+                pass
 
 
 @dataclass(frozen=True)
@@ -103,6 +222,8 @@ class ShardWriter:
         self._fd: int | None = None
         self._written = 0  # bytes in the current shard
         self._flushed = 0  # of which writeback has been started
+        self._direct: DirectFile | None = None
+        self.direct = hasattr(os, "O_DIRECT")  # False once a filesystem has refused it
 
     @property
     def _key(self) -> str:
@@ -114,12 +235,35 @@ class ShardWriter:
         self._pos = 0
         shard = self.shards[self._shard]
         header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard], ST_METADATA)
-        self._fd = os.open(self.out_dir / self.names[self._shard], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        path = self.out_dir / self.names[self._shard]
+        self._fd = self._open(path)
         self._written = self._flushed = 0
         self._write_all(header)
 
+    def _open(self, path: Path) -> int:
+        """A new shard file, for direct writes where they work here."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if self.direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+            else:
+                if DirectFile.probe(fd):
+                    self._direct = DirectFile(fd)
+                    return fd
+                os.close(fd)
+                os.unlink(path)
+                self.direct = False
+        return os.open(path, flags, 0o644)
+
     def _close_current(self) -> None:
         if self._fd is not None:
+            if self._direct is not None:
+                direct, self._direct = self._direct, None
+                direct.finish()
             os.fsync(self._fd)  # durable before the directory is renamed into place
             os.close(self._fd)
             self._fd = None
@@ -127,6 +271,9 @@ class ShardWriter:
 
     def _write_all(self, data: bytes | memoryview) -> None:
         self.hashes.feed(self._key, data)
+        if self._direct is not None:
+            self._direct.append(data)
+            return
         view = memoryview(data)
         while len(view):
             n = os.write(self._fd, view[: 1 << 30])
@@ -163,6 +310,9 @@ class ShardWriter:
         return {name: self.hashes.hexdigest("out/" + name) for name in self.names}
 
     def abort(self) -> None:
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            direct.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
