@@ -12,7 +12,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,19 @@ def _calibrate(plan: ConversionPlan, calib: list[str], tokens: int, separator: s
     )
 
 
+@contextmanager
+def _intra_op_threads(one: bool) -> Iterator[None]:
+    """One torch intra-op thread while `one` (restored after)."""
+    before = torch.get_num_threads()
+    if one:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if one:
+            torch.set_num_threads(before)
+
+
 def convert(
     model: str | os.PathLike[str],
     n_groups: int,
@@ -300,7 +314,7 @@ def convert(
         on_start(plan)
     command = command or shlex.join(["gqa-convert", *sys.argv[1:]])
     moments = calibration.moments if calibration is not None else None
-    with writing_errors(target), od as tmp, Hashes() as hashes:
+    with writing_errors(target), od as tmp, Hashes() as hashes, _intra_op_threads(plan.method.light):
         block = refined.convert_block if refined is not None else None
         streamed = write_weights(plan, tmp, hashes, on_bytes, moments, convert_block=block)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2) + "\n", encoding="utf-8")

@@ -43,6 +43,9 @@ class Method:
     summary: str
     convert_layer: LayerFn
     needs_calib: bool = False  # refuses to run without --calib
+    # a few elementwise ops per block: one intra-op thread, so the other cores hash and write
+    # (with more, torch's worker threads spin between ops and take CPU from the hash threads)
+    light: bool = False
 
 
 def _per_kv_role(fn: Callable[[str, torch.Tensor, LayerContext], torch.Tensor]) -> LayerFn:
@@ -78,9 +81,9 @@ def _random(role: str, t: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("mean", "mean of each group's K/V heads (the GQA paper's method)", _per_kv_role(_mean)),
-        Method("first", "each group keeps its first K/V head (paper's ablation)", _per_kv_role(_first)),
-        Method("random", "fresh random K/V heads, seeded (paper's ablation)", _per_kv_role(_random)),
+        Method("mean", "mean of each group's K/V heads (the GQA paper's method)", _per_kv_role(_mean), light=True),
+        Method("first", "each group keeps its first K/V head (paper's ablation)", _per_kv_role(_first), light=True),
+        Method("random", "fresh random K/V heads, seeded (paper's ablation)", _per_kv_role(_random), light=True),
         Method(
             "fold",
             "best shared K/V projection per group, per-head corrections folded into q/o; RoPE-aware; "
