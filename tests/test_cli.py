@@ -161,3 +161,16 @@ def test_error_messages_keep_brackets(tmp_path):
     # rich markup must not eat parts of a message (e.g. "gqa-convert[data]" or a path with brackets)
     r = runner.invoke(app, normalize_argv([str(tmp_path / "model[v2]"), "-g", "2"]))
     assert r.exit_code == 2 and "model[v2]" in r.output
+
+
+def test_the_package_imports_the_pipeline_only_when_used():
+    """`import gqa_convert` is light (the API loads on first use), which lets the executable
+    import the CLI with the garbage collector paused (gqa_convert/launch.py)."""
+    code = (
+        "import sys, gqa_convert; assert 'torch' not in sys.modules, 'imported torch'; "
+        "from gqa_convert import convert, verify, ConversionError; assert 'torch' in sys.modules; "
+        "assert set(gqa_convert.__all__) <= set(dir(gqa_convert)); "
+        "[getattr(gqa_convert, n) for n in gqa_convert.__all__]; print('ok')"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
