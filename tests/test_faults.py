@@ -271,9 +271,23 @@ SLOW = (
 )
 
 
-def _run(args: list[str], slow: bool = True, **kw) -> subprocess.Popen:
+# A conversion that writes its first tensor, then waits until the file $GQA_TEST_RELEASE exists
+# (so a test can start a second command, however slowly it starts, while the first is mid-write).
+HELD = (
+    "import os, sys, time; import gqa_convert.io.writer as w; real = w.ShardWriter.write; "
+    "held = lambda: [time.sleep(0.05) for _ in range(2400) if not os.path.exists(os.environ['GQA_TEST_RELEASE'])]; "
+    "w.ShardWriter.write = lambda self, *a: (self._fd is not None and held(), real(self, *a))[1]; "
+    "from gqa_convert.cli import main; sys.argv = ['gqa-convert'] + sys.argv[1:]; main()"
+)
+
+
+def _run(args: list[str], slow: bool = True, release: Path | None = None, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-c", SLOW, *args] if slow else [sys.executable, "-m", "gqa_convert", *args]
+    if release is not None:
+        env["GQA_TEST_RELEASE"] = str(release)
+        cmd = [sys.executable, "-c", HELD, *args]
+    else:
+        cmd = [sys.executable, "-c", SLOW, *args] if slow else [sys.executable, "-m", "gqa_convert", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
@@ -323,10 +337,12 @@ def test_sigkill_then_next_run_cleans_up(tmp_path):
 def test_two_conversions_to_one_target(tmp_path):
     src = _big_checkpoint(tmp_path)
     target = tmp_path / "out"
-    first = _run([str(src), "-g", "2", "--out", str(target)])
+    release = tmp_path / "release"
+    first = _run([str(src), "-g", "2", "--out", str(target)], release=release)
     _wait_for_tmp(tmp_path, "out", first)
     second = _run([str(src), "-g", "2", "--out", str(target)], slow=False)
     _, err2 = second.communicate(timeout=120)
+    release.touch()
     _, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
     assert second.returncode == 2 and "another gqa-convert is writing" in err2
