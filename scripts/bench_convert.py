@@ -9,7 +9,10 @@ runs, each in its own process, in alternating pairs (A B A B ...):
 
 with a cold page cache (dropped before every run; needs root) and a warm one (the source
 read once beforehand), and prints per command the medians of wall time, CPU seconds (user,
-sys) and CPU seconds per GB, peak RSS, and the median of the per-pair ratio convert / copy.
+sys) and CPU seconds per GB, the whole machine's busy CPU per GB (/proc/stat: counts the
+kernel's writeback threads, which a buffered copy leaves its dirty pages to; the machine
+must be otherwise idle), peak RSS, and the median of the per-pair ratio convert / copy.
+The start-up cost alone (imports) is printed first.
 
 Further sections (--sections):
   fold     `--method fold` (data-free) at G=8 and G=1 against mean pooling, warm cache
@@ -162,8 +165,9 @@ def warm_up(root: Path) -> None:
 
 
 class Run:
-    def __init__(self, wall: float, user: float, sys_: float, rss: int) -> None:
+    def __init__(self, wall: float, user: float, sys_: float, rss: int, machine: float = float("nan")) -> None:
         self.wall, self.user, self.sys, self.rss = wall, user, sys_, rss
+        self.machine = machine  # busy CPU seconds of the whole machine (kernel flusher threads included)
 
     @property
     def cpu(self) -> float:
@@ -173,23 +177,34 @@ class Run:
 CODE: Path | None = None  # --code: run gqa-convert from this checkout (to measure another version)
 
 
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait).
+    A child's own user+sys misses writeback done by kernel threads (cp's, with buffered
+    writes); the machine's count includes it, provided nothing else runs meanwhile."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_once(cmd: list[str]) -> Run:
     """Wall time, CPU time and peak RSS of one child process (and what it waited for).
     GNU time measures its own fresh child, so this (large) process's pages, which a forked
     child carries until it execs, are not counted as the command's."""
     with tempfile.NamedTemporaryFile("r") as stats:
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), machine_busy()
         proc = subprocess.run(
             ["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", stats.name, *cmd],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=CODE,
         )
-        wall = time.perf_counter() - start
+        wall, busy = time.perf_counter() - start, machine_busy() - busy
         if proc.returncode != 0:
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
         user, sys_, rss_kib = stats.read().split()[-3:]
-    return Run(wall, float(user), float(sys_), int(rss_kib) * 1024)
+    return Run(wall, float(user), float(sys_), int(rss_kib) * 1024, busy)
 
 
 def pairs(
@@ -211,7 +226,8 @@ def pairs(
             r = run_once(cmd)
             runs[label].append(r)
             print(
-                f"    {label:<12} {r.wall:7.2f} s wall  {r.user:6.2f} user  {r.sys:6.2f} sys  {r.rss / 2**30:5.2f} GiB",
+                f"    {label:<12} {r.wall:7.2f} s wall  {r.user:6.2f} user  {r.sys:6.2f} sys  "
+                f"{r.machine:6.2f} machine  {r.rss / 2**30:5.2f} GiB",
                 flush=True,
             )
             shutil.rmtree(out, ignore_errors=True)
@@ -226,12 +242,17 @@ def med(xs: list[float]) -> float:
 def report_pairs(label_a: str, ra: list[Run], label_b: str, rb: list[Run], gb: float, cache: str) -> dict:
     ratio = med([x.wall / y.wall for x, y in zip(ra, rb, strict=True)])
     print(f"\n  {cache} cache, {len(ra)} pairs, {gb:.2f} GB; medians")
-    print(f"  {'run':<12} {'wall s':>7} {'user s':>7} {'sys s':>6} {'CPU s/GB':>9} {'peak RSS GiB':>13}")
+    print(
+        f"  {'run':<12} {'wall s':>7} {'user s':>7} {'sys s':>6} {'CPU s/GB':>9} {'machine s/GB':>12} "
+        f"{'peak RSS GiB':>13}"
+    )
     row = {}
     for label, rs in ((label_b, rb), (label_a, ra)):
-        w, u, s_, c, m = (med([getattr(r, f) for r in rs]) for f in ("wall", "user", "sys", "cpu", "rss"))
-        print(f"  {label:<12} {w:7.2f} {u:7.2f} {s_:6.2f} {c / gb:9.2f} {m / 2**30:13.2f}")
-        row[label] = {"wall": w, "user": u, "sys": s_, "cpu_per_gb": c / gb, "rss": m}
+        w, u, s_, c, mc, m = (
+            med([getattr(r, f) for r in rs]) for f in ("wall", "user", "sys", "cpu", "machine", "rss")
+        )
+        print(f"  {label:<12} {w:7.2f} {u:7.2f} {s_:6.2f} {c / gb:9.2f} {mc / gb:12.2f} {m / 2**30:13.2f}")
+        row[label] = {"wall": w, "user": u, "sys": s_, "cpu_per_gb": c / gb, "machine_cpu_per_gb": mc / gb, "rss": m}
     print(f"  {label_a} / {label_b}: {ratio:.2f}x wall (median of per-pair ratios)\n", flush=True)
     row["ratio"] = ratio
     return row
@@ -307,6 +328,13 @@ def main() -> None:
         copy = ("cp && sync", ["sh", "-c", f'cp -r "{src}" "{work / "copy"}" && sync'], work / "copy")
         conv = ("gqa-convert", gqa(work / "gqa"), work / "gqa")
         if "copy" in sections:
+            start = [run_once([*py, "--version"]) for _ in range(3)]
+            figures["startup"] = {"wall": med([r.wall for r in start]), "cpu": med([r.cpu for r in start])}
+            print(
+                f"start-up alone (gqa-convert --version, imports included): {figures['startup']['wall']:.2f} s wall, "
+                f"{figures['startup']['cpu']:.2f} s CPU (median of 3)",
+                flush=True,
+            )
             for cache in args.cache.split(","):
                 print(f"{cache} cache: convert --groups {args.groups} vs cp -r && sync", flush=True)
                 ra, rb = pairs(conv, copy, args.pairs, cache, src)
