@@ -4,10 +4,11 @@ exact, never worse than fold on the held-out slice, deterministic, stock-loadabl
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import build_fixture, load, logits, save_model
+from conftest import build_fixture, build_model, load, logits, save_model
 from typer.testing import CliRunner
 
 from gqa_convert import ConversionError, convert
@@ -106,3 +107,36 @@ def test_refuses_unsupported_families_and_missing_calib(tmp_path, text):
         convert(src, 2, out=tmp_path / "o", **FAST)
     r = CliRunner().invoke(app, normalize_argv([str(src), "-g", "2", "-m", "refine", "-o", str(tmp_path / "o")]))
     assert r.exit_code == 2 and "needs --calib" in r.output
+
+
+def test_one_decoder_layer_in_memory_at_a_time(tmp_path, text, monkeypatch):
+    """Refine streams the model: whenever weights are materialised, they are the embedding's or
+    one decoder layer's (its source attention and its converted layer), never two layers'."""
+    from gqa_convert.conversion import refine as refine_module
+
+    model = build_model("llama", num_hidden_layers=3)
+    src = save_model(model, tmp_path / "src")
+    corpus.save_tokenizer(src, WORDS, 64)
+    per_layer = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n)
+    attn = sum(p.numel() for n, p in model.named_parameters() if ".layers.0.self_attn." in n)
+    skeletons, seen = [], []
+    skeleton, materialise = refine_module._skeleton, refine_module._materialise
+
+    def spy_skeleton(*args, **kwargs):
+        skeletons.append(skeleton(*args, **kwargs))
+        return skeletons[-1]
+
+    def spy_materialise(*args, **kwargs):
+        materialise(*args, **kwargs)
+        live = [(n, p.numel()) for m in skeletons for n, p in m.named_parameters() if p.device.type != "meta"]
+        layers = {int(m.group(1)) for n, _ in live if (m := re.search(r"\.layers\.(\d+)\.", n))}
+        seen.append((layers, sum(k for _, k in live)))
+
+    monkeypatch.setattr(refine_module, "_skeleton", spy_skeleton)
+    monkeypatch.setattr(refine_module, "_materialise", spy_materialise)
+    convert(src, 1, out=tmp_path / "r", calib=[text], **FAST)
+    assert len(skeletons) == 2 and len(seen) == 1 + 2 * 3  # the embedding, then per layer: source attn, converted
+    assert all(len(layers) <= 1 for layers, _ in seen), seen
+    assert set().union(*(layers for layers, _ in seen)) == {0, 1, 2}
+    assert max(n for layers, n in seen if layers) <= per_layer + attn
+    assert max(n for layers, n in seen if not layers) == model.get_input_embeddings().weight.numel()
