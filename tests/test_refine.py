@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import build_fixture, build_model, load, logits, save_model
 from typer.testing import CliRunner
 
 from gqa_convert import ConversionError, convert
-from gqa_convert.architectures import FAMILIES
+from gqa_convert.architectures import FAMILIES, refine_refusal
 from gqa_convert.cli import app, normalize_argv
 from gqa_convert.demo import corpus
 
@@ -140,3 +141,23 @@ def test_one_decoder_layer_in_memory_at_a_time(tmp_path, text, monkeypatch):
     assert set().union(*(layers for layers, _ in seen)) == {0, 1, 2}
     assert max(n for layers, n in seen if layers) <= per_layer + attn
     assert max(n for layers, n in seen if not layers) == model.get_input_embeddings().weight.numel()
+
+
+def test_refine_flags_match_the_facts_and_the_readme():
+    """`Family.refine` is what the family's facts allow, and README's table says the same,
+    with the reason for every family refine refuses."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| family | model_type |") :].split("\n\n")[0].splitlines()[2:]
+    by_type = {t: f for f in FAMILIES for t in f.model_types}
+    seen = set()
+    for row in table:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+        for model_type in re.findall(r"`([^`]+)`", cells[1]):
+            family = by_type[model_type]
+            seen.add(family.name)
+            assert family.refine == (refine_refusal(family) is None), family.name
+            if family.refine:
+                assert cells[4] == "yes", row
+            else:
+                assert cells[4].startswith("no: ") and refine_refusal(family) in cells[4], row
+    assert seen == {f.name for f in FAMILIES}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..architectures import Family, context_length, module_path
+from ..architectures import Family, context_length, module_path, refine_refusal
 from ..data import build_stream, iter_documents
 from ..errors import ConversionError, shown
 from ..io.hf import load_tokenizer, quiet_transformers
@@ -78,8 +78,8 @@ def check_refinable(plan: ConversionPlan) -> None:
     family = plan.family
     if not family.refine:
         raise ConversionError(
-            f"--method refine does not support {family.name} (it needs separate q/k/v/o projections, no per-head "
-            "key norm and native GQA in transformers); use --method fold"
+            f"--method refine does not support {family.name} ({refine_refusal(family) or 'not declared'}: it "
+            "needs separate q/k/v/o projections, no per-head key norm and native GQA in transformers); use --method fold"
         )
     if plan.emulate:
         raise ConversionError("--method refine writes native GQA only; drop --emulate or use --method fold")
