@@ -4,14 +4,16 @@ exact, never worse than fold on the held-out slice, deterministic, stock-loadabl
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_fixture, load, logits, save_model
+from conftest import build_fixture, build_model, load, logits, save_model
 from typer.testing import CliRunner
 
 from gqa_convert import ConversionError, convert
-from gqa_convert.architectures import FAMILIES
+from gqa_convert.architectures import FAMILIES, refine_refusal
 from gqa_convert.cli import app, normalize_argv
 from gqa_convert.demo import corpus
 
@@ -106,3 +108,56 @@ def test_refuses_unsupported_families_and_missing_calib(tmp_path, text):
         convert(src, 2, out=tmp_path / "o", **FAST)
     r = CliRunner().invoke(app, normalize_argv([str(src), "-g", "2", "-m", "refine", "-o", str(tmp_path / "o")]))
     assert r.exit_code == 2 and "needs --calib" in r.output
+
+
+def test_one_decoder_layer_in_memory_at_a_time(tmp_path, text, monkeypatch):
+    """Refine streams the model: whenever weights are materialised, they are the embedding's or
+    one decoder layer's (its source attention and its converted layer), never two layers'."""
+    from gqa_convert.conversion import refine as refine_module
+
+    model = build_model("llama", num_hidden_layers=3)
+    src = save_model(model, tmp_path / "src")
+    corpus.save_tokenizer(src, WORDS, 64)
+    per_layer = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n)
+    attn = sum(p.numel() for n, p in model.named_parameters() if ".layers.0.self_attn." in n)
+    skeletons, seen = [], []
+    skeleton, materialise = refine_module._skeleton, refine_module._materialise
+
+    def spy_skeleton(*args, **kwargs):
+        skeletons.append(skeleton(*args, **kwargs))
+        return skeletons[-1]
+
+    def spy_materialise(*args, **kwargs):
+        materialise(*args, **kwargs)
+        live = [(n, p.numel()) for m in skeletons for n, p in m.named_parameters() if p.device.type != "meta"]
+        layers = {int(m.group(1)) for n, _ in live if (m := re.search(r"\.layers\.(\d+)\.", n))}
+        seen.append((layers, sum(k for _, k in live)))
+
+    monkeypatch.setattr(refine_module, "_skeleton", spy_skeleton)
+    monkeypatch.setattr(refine_module, "_materialise", spy_materialise)
+    convert(src, 1, out=tmp_path / "r", calib=[text], **FAST)
+    assert len(skeletons) == 2 and len(seen) == 1 + 2 * 3  # the embedding, then per layer: source attn, converted
+    assert all(len(layers) <= 1 for layers, _ in seen), seen
+    assert set().union(*(layers for layers, _ in seen)) == {0, 1, 2}
+    assert max(n for layers, n in seen if layers) <= per_layer + attn
+    assert max(n for layers, n in seen if not layers) == model.get_input_embeddings().weight.numel()
+
+
+def test_refine_flags_match_the_facts_and_the_readme():
+    """`Family.refine` is what the family's facts allow, and README's table says the same,
+    with the reason for every family refine refuses."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| family | model_type |") :].split("\n\n")[0].splitlines()[2:]
+    by_type = {t: f for f in FAMILIES for t in f.model_types}
+    seen = set()
+    for row in table:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+        for model_type in re.findall(r"`([^`]+)`", cells[1]):
+            family = by_type[model_type]
+            seen.add(family.name)
+            assert family.refine == (refine_refusal(family) is None), family.name
+            if family.refine:
+                assert cells[4] == "yes", row
+            else:
+                assert cells[4].startswith("no: ") and refine_refusal(family) in cells[4], row
+    assert seen == {f.name for f in FAMILIES}

@@ -13,6 +13,7 @@ from .families import (
     key_module,
     key_role,
     module_path,
+    refine_refusal,
     required_roles,
 )
 from .shape import (
@@ -46,6 +47,7 @@ __all__ = [
     "key_role",
     "module_path",
     "normalises_keys",
+    "refine_refusal",
     "required_roles",
     "rotary_dims",
     "valid_groups",

@@ -313,6 +313,23 @@ def attention_modules(family: Family) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if "{head}" not in n))
 
 
+def refine_refusal(family: Family) -> str | None:
+    """Why `--method refine` cannot fit this family, from its facts; None where it can. Refine
+    fits separate q/k/v/o Linear weights inside the family's own natively grouped attention
+    module of a causal model, with keys that reach RoPE unnormalised. (`Family.refine` says
+    the same as data; tests keep the two, and the README's table, in step.)"""
+    why = []
+    if family.objective != "causal":
+        why.append("encoder-decoder")
+    if family.fused:
+        why.append("fused qkv")
+    if not (family.native_gqa or family.gqa_flag):
+        why.append("no GQA in transformers")
+    if family.key_norm:
+        why.append("per-head key norm")
+    return "; ".join(why) or None
+
+
 def module_path(family: Family, prefix: str) -> str:
     """The module path (no trailing dot) of an attention block in the model `auto_class` loads;
     `prefix` is the block's tensor-name prefix as the checkpoint names it (with or without the

@@ -7,24 +7,31 @@ is optimised is what transformers runs. Only the tensors a stock GQA checkpoint 
 each group's shared K/V projection, every head's Q rows and O columns, and their biases.
 A held-out slice of the calibration tokens picks the best parameters seen (fold's start
 included, so refined is never worse there) and stops the run early.
+
+The model is streamed: only the hidden states entering the current layer are kept, and one
+layer's weights (the source attention and the converted layer) are read from the checkpoint,
+fitted and released before the next; refined blocks wait on disk for the writer.
 All optimisation is in float32; results are cast back to each tensor's dtype."""
 
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..architectures import context_length, module_path
+from ..architectures import Family, context_length, module_path, refine_refusal
 from ..data import build_stream, iter_documents
 from ..errors import ConversionError, shown
-from ..io.hf import load_model, load_tokenizer, quiet_transformers
+from ..io.hf import load_tokenizer, quiet_transformers
 from .calibrate import Calibration, calibration_device
 from .layer import method_roles, stored_outputs
-from .plan import ConversionPlan
+from .plan import ConversionPlan, LayerPlan
 
 # Fitted roles: the tensors a GQA checkpoint of a separate-q/k/v/o family holds per block.
 FIT_ROLES = ("q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight")
@@ -36,17 +43,34 @@ PATIENCE = 5  # evaluations without improvement before stopping
 LOSSLESS = 1e-10  # held-out relative error below which a block is left as fold wrote it
 
 
+class Spill:
+    """Refined blocks by role (Linear layout) kept on disk, one safetensors file a layer, until
+    the writer asks for them: refining holds one layer's tensors in memory, not every layer's."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="gqa-refine-")  # removed with this object
+
+    def _path(self, layer: int) -> Path:
+        return Path(self._dir.name) / f"{layer}.safetensors"
+
+    def put(self, layer: int, roles: dict[str, torch.Tensor]) -> None:
+        save_file({r: t.contiguous() for r, t in roles.items()}, self._path(layer))
+
+    def get(self, layer: int) -> dict[str, torch.Tensor]:
+        return load_file(self._path(layer))
+
+
 @dataclass
 class RefineResult:
-    """Refined blocks by role (Linear layout), the grouping of each, and the manifest record."""
+    """Refined blocks (on disk until written), the grouping of each, and the manifest record."""
 
-    roles: dict[int, dict[str, torch.Tensor]]
+    roles: Spill
     groupings: dict[int, list[list[int]]]
     record: dict[str, Any] = field(default_factory=dict)
 
     def convert_block(self, plan: ConversionPlan, layer: int, tensors: dict[str, torch.Tensor]):
         """The stream's hook: the refined block in the output's stored layout."""
-        return stored_outputs(plan, plan.layers[layer], self.roles[layer]), self.groupings[layer]
+        return stored_outputs(plan, plan.layers[layer], self.roles.get(layer)), self.groupings[layer]
 
 
 def check_refinable(plan: ConversionPlan) -> None:
@@ -54,8 +78,8 @@ def check_refinable(plan: ConversionPlan) -> None:
     family = plan.family
     if not family.refine:
         raise ConversionError(
-            f"--method refine does not support {family.name} (it needs separate q/k/v/o projections, no per-head "
-            "key norm and native GQA in transformers); use --method fold"
+            f"--method refine does not support {family.name} ({refine_refusal(family) or 'not declared'}: it "
+            "needs separate q/k/v/o projections, no per-head key norm and native GQA in transformers); use --method fold"
         )
     if plan.emulate:
         raise ConversionError("--method refine writes native GQA only; drop --emulate or use --method fold")
@@ -99,28 +123,142 @@ def _sequences(
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: nothing after the block is needed."""
+    """Raised by a capture hook: nothing after the call it caught is needed."""
 
 
-def _capture(model: torch.nn.Module, attn: torch.nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
-    """(args, kwargs) the block receives for each batch of ids, from a forward pass of `model`."""
-    seen: list[tuple] = []
+Call = tuple[tuple, dict[str, Any]]  # one module call's (args, kwargs)
 
-    def hook(module, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
 
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `name` of `model` (a registered name keeps its kind)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    setattr(module, leaf, torch.nn.Parameter(value, requires_grad=False) if leaf in module._parameters else value)
+
+
+def _skeleton(config: dict[str, Any], family: Family, device: str) -> torch.nn.Module:
+    """The family's model for `config` with every parameter on the meta device (no memory) and
+    its buffers (RoPE's frequencies, an embedding scale) real, on `device`; in eval mode."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    cfg = type(transformers.AutoConfig.for_model(config["model_type"])).from_dict(config)
+    with init_empty_weights():  # parameters on meta, buffers computed as usual
+        model = getattr(transformers, family.auto_class).from_config(cfg, dtype=torch.float32)
+    for name, buf in list(model.named_buffers()):
+        _set(model, name, buf.to(device))
+    return model.eval()
+
+
+def _checkpoint_tensors(plan: ConversionPlan, module: str) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor under `module` (a module path in the model), read now and named
+    as the model's loader expects (with the base model's prefix, if the checkpoint lacks it)."""
+    source, base = plan.source, plan.family.base_prefix
+    out = {}
+    for name in source.tensors:
+        full = name if name.startswith(base) else base + name
+        if full.startswith(module + "."):
+            out[full] = source.read(name)
+    return out
+
+
+def _materialise(
+    model: torch.nn.Module, module: str, tensors: dict[str, torch.Tensor], device: str, start: dict[str, torch.Tensor]
+) -> None:
+    """Fill submodule `module` with checkpoint `tensors` through transformers' own loader (which
+    renames and fuses as from_pretrained does: Mixtral's experts, for one), in float32 on
+    `device`, no gradients; a parameter named in `start` takes that value instead."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    config = LoadStateDictConfig(dtype=torch.float32, weight_mapping=get_model_conversion_mapping(model))
+    tensors = {k: t for k, t in tensors.items() if k not in start}  # (fold's K/V have the output's shape)
+    convert_and_load_state_dict_in_model(model, tensors, config)
+    for name, p in list(model.get_submodule(module).named_parameters()):
+        full = f"{module}.{name}"
+        t = start[full] if full in start else p
+        if t.device.type == "meta" or tuple(t.shape) != tuple(p.shape):
+            raise ConversionError(f"refine: {full} was not found in the checkpoint with shape {tuple(p.shape)}")
+        _set(model, full, t.detach().to(device=device, dtype=torch.float32, copy=True))
+
+
+def _release(model: torch.nn.Module, module: str) -> None:
+    """Move submodule `module`'s parameters back to the meta device, freeing their memory."""
+    for name, p in list(model.get_submodule(module).named_parameters()):
+        _set(model, f"{module}.{name}", p.detach().to("meta"))
+
+
+def _layer_calls(model: torch.nn.Module, layers: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, list[Call]]:
+    """One pass of `model` over `ids` (b, t) with every decoder layer replaced by a recorder:
+    (the hidden states entering the first layer, (b, t, hidden); each layer's other arguments
+    exactly as the model passes them: its mask, position embeddings, ...). Only the input
+    embedding needs to be materialised."""
+    hidden: list[torch.Tensor] = []
+    calls: list[Call] = []
+
+    def record(hidden_states, *args, **kwargs):
+        hidden.append(hidden_states)
+        calls.append((args, kwargs))
+        if len(calls) == len(layers):
+            raise _Stop  # the final norm and head are not needed (nor materialised)
+        return hidden_states
+
+    modules = [model.get_submodule(p) for p in layers]
+    for m in modules:
+        m.forward = record  # an instance attribute shadows the class's forward
     try:
         with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
     finally:
-        handle.remove()
-    return seen
+        for m in modules:
+            del m.forward
+    if len(calls) != len(layers):
+        raise RuntimeError(f"refine: the model called {len(calls)} of its {len(layers)} decoder layers")
+    return hidden[0], calls
+
+
+@dataclass
+class _Stream:
+    """Calibration windows as the current layer sees them: per batch, the hidden states entering
+    it (b, t, hidden), and, per layer, the other arguments of that layer's call."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[Call]]  # [layer][batch]
+
+    @classmethod
+    def start(cls, model: torch.nn.Module, layers: list[str], batches: list[torch.Tensor]) -> _Stream:
+        per_batch = [_layer_calls(model, layers, ids) for ids in batches]
+        return cls([h for h, _ in per_batch], [list(c) for c in zip(*(c for _, c in per_batch), strict=True)])
+
+    def attention_inputs(self, index: int, layer: torch.nn.Module, attn: torch.nn.Module) -> list[Call]:
+        """(args, kwargs) the attention block `attn` receives, per batch, when `layer` runs."""
+        seen: list[Call] = []
+
+        def hook(module, args, kwargs):
+            seen.append((args, kwargs))
+            raise _Stop
+
+        handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for h, (args, kwargs) in zip(self.hidden, self.calls[index], strict=True):
+                    try:
+                        layer(h, *args, **kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        return seen
+
+    def advance(self, index: int, layer: torch.nn.Module) -> None:
+        """Run `layer` (layer `index`, converted) on every batch: the next layer's input."""
+        with torch.no_grad():
+            for b, (args, kwargs) in enumerate(self.calls[index]):
+                out = layer(self.hidden[b], *args, **kwargs)
+                self.hidden[b] = out[0] if isinstance(out, tuple) else out
 
 
 def _loss(attn: torch.nn.Module, inputs: tuple, target: torch.Tensor, scale: float) -> torch.Tensor:
@@ -174,16 +312,60 @@ def _fit(
     return before, best, run
 
 
-def _converted_model(plan: ConversionPlan, source_model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """The output architecture (config_out), holding the source's weights outside attention."""
-    import transformers
+def _targets(attn: torch.nn.Module, inputs: list[Call]) -> list[tuple[Call, torch.Tensor]]:
+    """Each attention input with the source block's output on it, the fit's target (b, t, hidden)."""
+    with torch.no_grad():
+        return [(x, attn(*x[0], **x[1])[0]) for x in inputs]
 
-    config = type(source_model.config).from_dict(plan.config_out)
-    model = getattr(transformers, plan.family.auto_class).from_config(config, dtype=torch.float32)
-    state = model.state_dict()
-    src = {k: v for k, v in source_model.state_dict().items() if k in state and state[k].shape == v.shape}
-    model.load_state_dict(src, strict=False)  # the K/V projections are set from fold's start below
-    return model.to(device).eval()
+
+def _paths(plan: ConversionPlan, lp: LayerPlan) -> tuple[str, str]:
+    """(attention block, its decoder layer) as module paths in the model."""
+    path = module_path(plan.family, lp.prefix)
+    return path, path.rpartition(".")[0]
+
+
+def _refine_layer(
+    plan: ConversionPlan,
+    i: int,
+    calibration: Calibration,
+    models: tuple[torch.nn.Module, torch.nn.Module],
+    streams: list[_Stream],
+    *,
+    device: str,
+    steps: int,
+    lr: float,
+) -> tuple[dict[str, torch.Tensor], list[list[int]], dict[str, Any]]:
+    """Fold block i, materialise its layer (source attention and converted layer), fit it, move
+    the streams past it, release its weights. (refined roles, grouping, the layer's record)"""
+    family, lp = plan.family, plan.layers[i]
+    src_model, model = models
+    tensors = {n: plan.source.read(n) for n in lp.input_names}
+    roles, groups = method_roles(plan, lp, tensors, calibration.moments.get(lp.layer))
+    del tensors
+    t0 = time.perf_counter()
+    path, layer_path = _paths(plan, lp)
+    start = {f"{path}.{family.roles[r]}": roles[r] for r in FIT_ROLES if r in roles}  # fold's block
+    _materialise(src_model, path, _checkpoint_tensors(plan, path), device, {})
+    _materialise(model, layer_path, _checkpoint_tensors(plan, layer_path), device, start)
+    layer, attn = model.get_submodule(layer_path), model.get_submodule(path)
+    train, held = (_targets(src_model.get_submodule(path), s.attention_inputs(i, layer, attn)) for s in streams)
+    _release(src_model, path)
+    scale = max(sum(float(t.square().mean()) for _, t in train) / len(train), 1e-30)
+    params = {r: attn.get_parameter(family.roles[r]) for r in FIT_ROLES if r in roles}
+    for p in params.values():
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(plan.seed * 100003 + lp.layer)
+    before, after, run = _fit(attn, params, train, held, scale, steps, lr, generator)
+    del train, held
+    for role, p in params.items():
+        p.requires_grad_(False)
+        roles[role] = p.detach().cpu().to(roles[role].dtype).clone()
+    if i + 1 < len(plan.layers):
+        for s in streams:
+            s.advance(i, layer)  # through the refined attention: the next layer sees its errors
+    _release(model, layer_path)
+    rec = {"layer": lp.layer, "heldout_before": before, "heldout_after": after, "steps": run}
+    return roles, groups, rec | {"seconds": round(time.perf_counter() - t0, 3)}
 
 
 def refine(
@@ -197,7 +379,8 @@ def refine(
     device: str | None = None,
     separator: str | None = None,
 ) -> RefineResult:
-    """Fold each block (with the calibration's moments), then refine the blocks in order."""
+    """Fold each block (with the calibration's moments), then refine the blocks in order,
+    one decoder layer in memory at a time."""
     started = time.perf_counter()
     quiet_transformers()
     device = resolve_device(device)
@@ -206,53 +389,27 @@ def refine(
     seq_len = int(train_seqs.shape[1])
     per_batch = max(1, BATCH_TOKENS // seq_len)
     split = lambda s: [s[i : i + per_batch].to(device) for i in range(0, len(s), per_batch)]  # noqa: E731
-    train_ids, held_ids = split(train_seqs), split(held_seqs)
 
-    src_model = load_model(source.root, family, torch.float32, device)
-    for p in src_model.parameters():
-        p.requires_grad_(False)
-    model = _converted_model(plan, src_model, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Two skeletons, no weights: the source's attention and the converted layer are filled in
+    # one layer at a time. The converted model's embedding starts the stream of hidden states.
+    src_model = _skeleton(source.config, family, device)
+    model = _skeleton(plan.config_out, family, device)
+    layer_paths = [_paths(plan, lp)[1] for lp in plan.layers]
+    embed = family.embed.removesuffix(".weight")
+    _materialise(model, embed, _checkpoint_tensors(plan, embed), device, {})
+    streams = [_Stream.start(model, layer_paths, split(s)) for s in (train_seqs, held_seqs)]
+    _release(model, embed)
 
-    # fold's start for every block, set into the converted model
-    roles: dict[int, dict[str, torch.Tensor]] = {}
+    spill = Spill()
     groupings: dict[int, list[list[int]]] = {}
-    for lp in plan.layers:
-        tensors = {n: source.read(n) for n in lp.input_names}
-        roles[lp.layer], groupings[lp.layer] = method_roles(plan, lp, tensors, calibration.moments.get(lp.layer))
-        attn = model.get_submodule(module_path(family, lp.prefix))
-        with torch.no_grad():
-            for role in FIT_ROLES:
-                if role in roles[lp.layer]:
-                    attn.get_parameter(family.roles[role]).copy_(roles[lp.layer][role])
-
     layers = []
-    for lp in plan.layers:
-        t0 = time.perf_counter()
-        path = module_path(family, lp.prefix)
-        attn, src_attn = model.get_submodule(path), src_model.get_submodule(path)
-        with torch.no_grad():
-            train = [(x, src_attn(*x[0], **x[1])[0]) for x in _capture(model, attn, train_ids)]
-            held = [(x, src_attn(*x[0], **x[1])[0]) for x in _capture(model, attn, held_ids)]
-        scale = max(sum(float(t.square().mean()) for _, t in train) / len(train), 1e-30)
-        params = {r: attn.get_parameter(family.roles[r]) for r in FIT_ROLES if r in roles[lp.layer]}
-        for p in params.values():
-            p.requires_grad_(True)
-        generator = torch.Generator().manual_seed(plan.seed * 100003 + lp.layer)
-        before, after, run = _fit(attn, params, train, held, scale, steps, lr, generator)
-        for role, p in params.items():
-            p.requires_grad_(False)
-            roles[lp.layer][role] = p.detach().cpu().to(roles[lp.layer][role].dtype).clone()
-        rec = {
-            "layer": lp.layer,
-            "heldout_before": before,
-            "heldout_after": after,
-            "steps": run,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+    for i, lp in enumerate(plan.layers):
+        roles, groupings[lp.layer], rec = _refine_layer(
+            plan, i, calibration, (src_model, model), streams, device=device, steps=steps, lr=lr
+        )
+        spill.put(lp.layer, roles)
         layers.append(rec)
-    del model, src_model
+    del model, src_model, streams
     record = {
         "method": "refine",
         "steps": steps,
@@ -269,4 +426,4 @@ def refine(
         "layers": layers,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return RefineResult(roles, groupings, record)
+    return RefineResult(spill, groupings, record)
