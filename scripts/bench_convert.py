@@ -258,35 +258,82 @@ def report_pairs(label_a: str, ra: list[Run], label_b: str, rb: list[Run], gb: f
     return row
 
 
-def search_scaling(repeat: int) -> None:
-    """Seconds per layer of --grouping search with data-free fold costs, head_dim 128."""
+def search_calls(n_kv: int, g: int) -> tuple[int, int]:
+    """Cost evaluations of --grouping search, by counting: (greedy phase, one swap round at most).
+    Greedy grows each group from its seed, scanning every head left at each step; a swap round
+    tries every pair of heads in every pair of groups, two new groups each."""
+    r = n_kv // g
+    greedy = sum(n_kv - k * r - s for k in range(g) for s in range(1, r)) + g  # + the contiguous groups
+    return greedy, math.comb(g, 2) * r * r * 2
+
+
+def search_scaling(budget: float) -> list[dict]:
+    """--grouping search at 7B-like head_dim 128: seconds per cost evaluation (one group's
+    data-free fold residual) measured, cost evaluations counted, and a search run for up to
+    `budget` seconds to see how far it gets. Time per layer >= (greedy + rounds x round) x call."""
     from gqa_convert.architectures.rope import rope_layout
     from gqa_convert.methods import grouping
     from gqa_convert.methods.fold import FoldProblem
 
-    print(f"  {'KV heads':>8} {'hidden':>7} {'G':>3} {'cost calls':>10} {'s / layer':>9}")
+    class Budget(Exception):
+        pass
+
+    rows = []
+    print(
+        f"  {'KV heads':>8} {'hidden':>7} {'G':>3} {'s / call':>8} {'greedy calls':>12} {'calls / round':>13} "
+        f"{'greedy + 1 round':>16} {'in budget':>22}"
+    )
     for n_kv in (32, 64):
-        hd, d = 128, 128 * n_kv
+        hd, d, g = 128, 128 * n_kv, 8
         gen = torch.Generator().manual_seed(0)
         t = {
             r: (torch.randn(d, d, generator=gen) * 0.02).to(torch.bfloat16)
             for r in ("q.weight", "k.weight", "v.weight", "o.weight")
         }
         problem = FoldProblem(t, n_kv, n_kv, hd, None, rope_layout(hd, hd, "half"), key_norm=False)
-        for g in (8,):
-            times, calls = [], 0
-            for _ in range(repeat):
-                n = [0]
+        r = n_kv // g
+        for h in range(n_kv):  # per-head quantities are cached on first use: time calls after that
+            problem.cost([h])
+        times = []
+        for k in range(5):
+            group = [(k * 7 + i * 5) % n_kv for i in range(r)]
+            t0 = time.perf_counter()
+            problem.cost(sorted(set(group)))
+            times.append(time.perf_counter() - t0)
+        per_call = med(times)
+        greedy, per_round = search_calls(n_kv, g)
+        calls, t0 = [0], time.perf_counter()
 
-                def cost(group: list[int], n: list[int] = n, p: FoldProblem = problem) -> float:
-                    n[0] += 1
-                    return p.cost(group)
+        def cost(group: list[int], p: FoldProblem = problem, t0: float = t0, calls: list[int] = calls) -> float:
+            if time.perf_counter() - t0 > budget:
+                raise Budget
+            calls[0] += 1
+            return p.cost(group)
 
-                t0 = time.perf_counter()
-                grouping.search(n_kv, g, cost)
-                times.append(time.perf_counter() - t0)
-                calls = n[0]
-            print(f"  {n_kv:>8} {d:>7} {g:>3} {calls:>10} {med(times):9.1f}", flush=True)
+        try:
+            grouping.search(n_kv, g, cost)
+            done = f"finished, {calls[0]} calls"
+        except Budget:
+            done = f"{calls[0]} calls in {budget:.0f} s"
+        low = (greedy + per_round) * per_call
+        print(
+            f"  {n_kv:>8} {d:>7} {g:>3} {per_call:8.3f} {greedy:>12} {per_round:>13} {low / 60:13.0f} min {done:>22}",
+            flush=True,
+        )
+        rows.append(
+            {
+                "kv_heads": n_kv,
+                "hidden": d,
+                "groups": g,
+                "s_per_call": per_call,
+                "greedy_calls": greedy,
+                "calls_per_round": per_round,
+                "greedy_plus_round_s": low,
+                "budget_run": done,
+            }
+        )
+        del t, problem
+    return rows
 
 
 def main() -> None:
@@ -298,6 +345,7 @@ def main() -> None:
     ap.add_argument("--cache", default="cold,warm", help="cold, warm or both")
     ap.add_argument("--sections", default="copy", help="comma list of copy, fold, search, calib, naive")
     ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--search-budget", type=float, default=120, help="seconds each search run may take")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--code", type=Path, default=None, help="a checkout whose gqa_convert to run (default: this one)")
@@ -387,8 +435,8 @@ def main() -> None:
                     "rss": ra[0].rss,
                 }
         if "search" in sections:
-            print("--grouping search, data-free fold costs, per layer", flush=True)
-            search_scaling(repeat=1)
+            print(f"--grouping search, data-free fold costs, per layer (runs stopped after {args.search_budget:.0f} s)")
+            figures["search"] = search_scaling(args.search_budget)
         if "naive" in sections:
             r = run_once([sys.executable, "-c", NAIVE, str(src), str(work / "naive"), str(args.groups)])
             print(f"  transformers route: {r.wall:.1f} s, peak RSS {r.rss / 2**30:.2f} GiB", flush=True)

@@ -230,6 +230,7 @@ class FoldProblem:
         self.Rv = [value_reach(self.Wo, k, self.m, hd) for k in range(n_kv)]
         self.n_kv = n_kv
         self._totals: tuple[float, float] | None = None
+        self._value_gram: Tensor | None = None
 
     @property
     def totals(self) -> tuple[float, float]:
@@ -251,10 +252,28 @@ class FoldProblem:
     def k_total(self) -> float:
         return self.totals[1]
 
+    @property
+    def value_gram(self) -> Tensor:
+        """Y Y' for Y = [R_k (W_v^k L)] stacked over every KV head: (n_kv*hd, n_kv*hd). The
+        Gram matrix of any group's stacked X (see shared_subspace) is a block of it, so each
+        of the search's thousands of cost() calls is one small eigvalsh, not a (r*hd) x d x
+        (r*hd) product. Computed on first use: only the grouping search needs it."""
+        if self._value_gram is None:
+            hd = self.hd
+            Y = torch.cat([self.Rv[k] @ self.WvL[k * hd : (k + 1) * hd] for k in range(self.n_kv)])
+            self._value_gram = Y @ Y.T
+        return self._value_gram
+
+    def value_residual(self, group: list[int]) -> float:
+        """What shared_subspace leaves of the group's value energy: the eigenvalues of its
+        Gram matrix beyond the top hd."""
+        rows = torch.tensor([k * self.hd + i for k in group for i in range(self.hd)])
+        e = torch.linalg.eigvalsh(self.value_gram[rows][:, rows]).clamp_min(0)  # ascending
+        return float(e[: max(0, len(e) - self.hd)].sum())
+
     def cost(self, group: list[int]) -> float:
         """Relative error of sharing one K/V head in `group` (0 when the heads are equivalent)."""
-        _, _, rv, _ = values(self.Wv, self.Wo, [group], self.m, self.hd, self.w, False, self.WvL, self.Rv)
-        cost = rv / max(self.v_total, 1e-30)
+        cost = self.value_residual(group) / max(self.v_total, 1e-30)
         if not self.key_norm:
             _, _, rk, _ = keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)
             cost += rk / max(self.k_total, 1e-30)
