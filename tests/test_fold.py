@@ -139,23 +139,27 @@ def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d):
     assert tot == pytest.approx(float((s**2).sum()), rel=1e-10)
 
 
-@pytest.mark.parametrize(("d", "biased", "calibrated"), [(64, False, False), (64, True, True), (12, False, True)])
-def test_search_cost_from_the_cached_gram_equals_the_direct_residual(d, biased, calibrated):
-    """cost() reads each group's value Gram matrix from one cached all-heads product; it must
-    equal the residual shared_subspace computes for the group directly (here also with
-    r*hd > d, where the direct path takes the d x d Gram matrix instead)."""
+@pytest.mark.parametrize(
+    ("d", "biased", "calibrated", "n_heads"), [(64, False, False, 8), (64, True, True, 16), (12, False, True, 8)]
+)
+def test_search_cost_from_the_cached_gram_equals_the_direct_residual(d, biased, calibrated, n_heads):
+    """cost() reads each group's value and key Gram matrices from cached all-heads products;
+    both residuals must equal what values() and keys() compute for the group directly (here
+    also with r*hd > d, where the direct value path takes the d x d Gram matrix instead)."""
     from gqa_convert.architectures.rope import rope_layout
-    from gqa_convert.methods.fold import FoldProblem, values
+    from gqa_convert.methods.fold import FoldProblem, keys, values
 
     gen = torch.Generator().manual_seed(3)
-    n_heads, n_kv, hd = 8, 8, 4
+    n_kv, hd = 8, 4
     t = {r: torch.randn(n_kv * hd if r in "kv" else n_heads * hd, d, generator=gen) for r in "qkv"}
     t = {f"{r}.weight": w for r, w in t.items()} | {"o.weight": torch.randn(d, n_heads * hd, generator=gen)}
     if biased:
-        t |= {f"{r}.bias": torch.randn(n_kv * hd, generator=gen) for r in "qkv"}
+        t |= {f"{r}.bias": torch.randn(n_kv * hd if r in "kv" else n_heads * hd, generator=gen) for r in "qkv"}
     x = torch.randn(256, d + (1 if biased else 0), generator=gen, dtype=torch.float64)
     moment = x.T @ x / 256 if calibrated else None
     p = FoldProblem(t, n_heads, n_kv, hd, moment, rope_layout(hd, hd, "half"), key_norm=False)
     for group in ([0, 1], [2, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7], [6]):
         _, _, direct, _ = values(p.Wv, p.Wo, [group], p.m, hd, p.w, False, p.WvL, p.Rv)
         assert p.value_residual(group) == pytest.approx(direct, rel=1e-9, abs=1e-9 * p.v_total)
+        _, _, direct, _ = keys(p.Wk, p.Wq, [group], p.m, hd, p.rope, p.w, False, p.kq)
+        assert p.key_residual(group) == pytest.approx(direct, rel=1e-9, abs=1e-9 * p.k_total)

@@ -231,6 +231,7 @@ class FoldProblem:
         self.n_kv = n_kv
         self._totals: tuple[float, float] | None = None
         self._value_gram: Tensor | None = None
+        self._key_terms: tuple[Tensor, Tensor] | None = None
 
     @property
     def totals(self) -> tuple[float, float]:
@@ -271,12 +272,43 @@ class FoldProblem:
         e = torch.linalg.eigvalsh(self.value_gram[rows][:, rows]).clamp_min(0)  # ascending
         return float(e[: max(0, len(e) - self.hd)].sum())
 
+    @property
+    def key_terms(self) -> tuple[Tensor, Tensor]:
+        """For every rotary pair p: the complex Gram matrix of all KV heads' key rows,
+        (P, n_kv, n_kv), and how much each KV head's queries use the pair, (P, n_kv) — the
+        two things keys() forms per group, computed once for the search."""
+        if self._key_terms is None:
+            hd, m = self.hd, self.m
+            A = torch.tensor([a for a, _ in self.rope.planes], dtype=torch.long)
+            B = torch.tensor([b for _, b in self.rope.planes], dtype=torch.long)
+            WkL, WqL = self.kq
+            Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
+            q_energy = Qw.square().sum(-1)  # (H, hd)
+            Z = torch.complex(Kw[:, A], Kw[:, B]).transpose(0, 1)  # (P, n_kv, d)
+            energy = torch.stack(
+                [sum(q_energy[h, A] + q_energy[h, B] for h in _q_heads(k, m)) for k in range(self.n_kv)], 1
+            )  # (P, n_kv), summed as keys() sums it
+            self._key_terms = (Z @ Z.mH, energy)
+        return self._key_terms
+
+    def key_residual(self, group: list[int]) -> float:
+        """keys()'s residual for one group, from key_terms: each pair's weighted r x r Gram
+        matrix is a scaled block of the cached one (eigvalsh, no vectors)."""
+        if self.rope.linear or not self.rope.planes:  # partial rotary: the general path
+            return keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)[2]
+        gram, energy = self.key_terms
+        idx = torch.tensor(group)
+        e = energy[:, idx]  # (P, r)
+        weight = e.sqrt() + 1e-12 * e.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
+        G = gram[:, idx][:, :, idx] * (weight[:, :, None] * weight[:, None, :]).to(gram.dtype)
+        ev = torch.linalg.eigvalsh(G)  # (P, r) ascending
+        return float(ev[:, :-1].clamp_min(0).sum())
+
     def cost(self, group: list[int]) -> float:
         """Relative error of sharing one K/V head in `group` (0 when the heads are equivalent)."""
         cost = self.value_residual(group) / max(self.v_total, 1e-30)
         if not self.key_norm:
-            _, _, rk, _ = keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)
-            cost += rk / max(self.k_total, 1e-30)
+            cost += self.key_residual(group) / max(self.k_total, 1e-30)
         return cost
 
     def convert(self, groups: list[list[int]]) -> dict[str, Tensor]:
