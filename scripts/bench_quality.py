@@ -141,7 +141,12 @@ def uptrain_compare(model: str, steps: int, match_steps: int, work: Path, out: P
         long, seconds = uptrain_curve(work / "start-mean", match_steps, max(1, match_steps // 80), work / "up")
         hit = next(((s, p) for s, p in long if p <= target), None)
         if hit:
-            reach = f"reached at step {hit[0]} ({hit[0] * tokens_per_step:,} tokens): eval ppl {hit[1]:.3f}"
+            # the curve is noisy while the lr is high: also where it stays at or below for good
+            stay = next(s for i, (s, _) in enumerate(long) if all(p <= target for _, p in long[i:]))
+            reach = (
+                f"first reached at step {hit[0]} ({hit[0] * tokens_per_step:,} tokens): eval ppl {hit[1]:.3f}; "
+                f"at or below from step {stay} ({stay * tokens_per_step:,} tokens) on; last {long[-1][1]:.3f}"
+            )
         else:
             reach = (
                 f"not reached within {match_steps * tokens_per_step:,} tokens ({match_steps} steps): "
