@@ -1,10 +1,13 @@
 """Conversion quality, training-free: perplexity ratio converted / source on evaluation text,
 methods x G, for every model in ../shared/models. Calibration uses the shared *training*
 text only; the evaluation text is never calibrated or trained on. Writes the table as
-Markdown and a PNG plot; with --uptrain-steps, also uptrains the MQA model from mean pooling
-and from the best method with the same budget and plots both evaluation curves.
+Markdown and a PNG plot; with --uptrain-steps, also uptrains the MQA model from mean pooling,
+fold + calib + search and refine with the same budget, and with --uptrain-match-steps, from
+mean pooling for longer, to see how many tokens it needs to reach refine without training.
 
     python scripts/bench_quality.py --out bench-out/quality
+    python scripts/bench_quality.py --models stories260K-mha --methods mean --out bench-out/uptrain \\
+        --uptrain-steps 200 --uptrain-match-steps 2000
 """
 
 from __future__ import annotations
@@ -66,52 +69,125 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def uptrain_compare(model: str, best: dict, steps: int, work: Path, out: Path, tokens: int) -> str:
+UPTRAIN_STARTS = ("mean", "fold + calib + search", "refine")  # rows of METHODS, at G = 1
+UPTRAIN_EVAL = dict(tokens=8192, seq_len=256, stride=256)  # uptrain's own evaluation, before and after
+
+
+def uptrain_curve(start: Path, steps: int, eval_every: int, out: Path) -> tuple[list[tuple[int, float]], float]:
+    """Uptrain `start` for `steps` (seq-len 256, batch 16, lr 1e-3); ([(step, eval ppl)], seconds)."""
+    r = uptrain(
+        str(start),
+        UptrainOptions(
+            data=[TRAIN],
+            out=out,
+            steps=steps,
+            lr=1e-3,
+            batch_size=16,
+            seq_len=UPTRAIN_EVAL["seq_len"],
+            separator=SEP,
+            eval_data=[EVAL],
+            eval_every=eval_every,
+            eval_tokens=UPTRAIN_EVAL["tokens"],
+            force=True,
+        ),
+    )
+    return [(h["step"], h["eval_ppl"]) for h in r.history if "eval_ppl" in h], r.seconds
+
+
+def uptrain_compare(model: str, steps: int, match_steps: int, work: Path, out: Path) -> str:
+    """MQA uptraining from each start in UPTRAIN_STARTS with the same budget of `steps`; with
+    `match_steps`, also a longer run from mean pooling, to find the first evaluated step at
+    which it reaches refine's training-free eval perplexity. Writes uptrain_from_start.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = []
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, kw in (("mean pooling", {"method": "mean"}), ("fold + calib + search", best)):
-        conv = work / f"start-{kw['method']}"
-        convert(model, 1, out=conv, force=True, **kw)
-        r = uptrain(
-            str(conv),
-            UptrainOptions(
-                data=[TRAIN],
-                out=work / f"up-{kw['method']}",
-                steps=steps,
-                lr=1e-3,
-                batch_size=16,
-                seq_len=256,
-                separator=SEP,
-                eval_data=[EVAL],
-                eval_every=max(1, steps // 6),
-                eval_tokens=8192,
-                force=True,
-            ),
+    tokens_per_step = 16 * UPTRAIN_EVAL["seq_len"]
+    ev = UPTRAIN_EVAL
+    source = verify(
+        model,
+        use_manifest=False,
+        data=[EVAL],
+        separator=SEP,
+        seq_len=ev["seq_len"],
+        stride=ev["stride"],
+        max_tokens=ev["tokens"],
+    ).converted.ppl
+    curves, lines = {}, []
+    for name in UPTRAIN_STARTS:
+        start = work / f"start-{name.replace(' ', '')}"
+        c = convert(model, 1, out=start, force=True, **METHODS[name])
+        curves[name], seconds = uptrain_curve(start, steps, max(1, steps // 8), work / "up")
+        (_, before), (_, after) = curves[name][0], curves[name][-1]
+        lines.append(f"| {name} | {before:.3f} | {after:.3f} | {c.seconds:.0f} s + {seconds:.0f} s |")
+        print(f"uptrain {Path(model).name} MQA from {name}: {before:.3f} -> {after:.3f} in {steps} steps", flush=True)
+    md = [
+        f"eval: {Path(EVAL).name}, first {ev['tokens']} tokens, seq-len {ev['seq_len']}, stride {ev['stride']}; "
+        f"source (MHA) {source:.3f}\n",
+        f"| MQA start | eval ppl before | after {steps} steps ({steps * tokens_per_step:,} tokens) "
+        "| wall: convert + uptrain |",
+        "|---|---|---|---|",
+        *lines,
+    ]
+    panels = 2 if match_steps else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for name, pts in curves.items():
+        ax.plot([s for s, _ in pts], [p for _, p in pts], "o-", ms=3, label=f"MQA from {name}")
+    ax.set_title(f"{Path(model).name}: MQA uptraining, {steps} steps from each start")
+    if match_steps:
+        target = curves["refine"][0][1]
+        long, seconds = uptrain_curve(work / "start-mean", match_steps, max(1, match_steps // 80), work / "up")
+        hit = next(((s, p) for s, p in long if p <= target), None)
+        if hit:
+            # the curve is noisy while the lr is high: also where it stays at or below for good
+            stay = next(s for i, (s, _) in enumerate(long) if all(p <= target for _, p in long[i:]))
+            reach = (
+                f"first reached at step {hit[0]} ({hit[0] * tokens_per_step:,} tokens): eval ppl {hit[1]:.3f}; "
+                f"at or below from step {stay} ({stay * tokens_per_step:,} tokens) on; last {long[-1][1]:.3f}"
+            )
+        else:
+            reach = (
+                f"not reached within {match_steps * tokens_per_step:,} tokens ({match_steps} steps): "
+                f"best eval ppl {min(p for _, p in long):.3f}, last {long[-1][1]:.3f}"
+            )
+        md.append(
+            f"\nmean pooling uptrained for {match_steps} steps (its own schedule), evaluated every "
+            f"{max(1, match_steps // 80)} steps, against refine's training-free {target:.3f}: {reach} "
+            f"(uptrain wall {seconds:.0f} s)"
         )
-        ev = [h for h in r.history if "eval_ppl" in h]
-        ax.plot([h["step"] for h in ev], [h["eval_ppl"] for h in ev], "o-", label=f"MQA from {label}")
-        lines.append(f"| {label} | {ev[0]['eval_ppl']:.3f} | {ev[-1]['eval_ppl']:.3f} |")
-    ax.axhline(ppl(model, 8192), color="grey", ls="--", label="source (MHA)")
-    ax.set_yscale("log")
+        print(md[-1].strip(), flush=True)
+        ax2 = axes[0][1]
+        ax2.plot([s * tokens_per_step / 1e6 for s, _ in long], [p for _, p in long], "-", label="MQA from mean")
+        ax2.axhline(target, color="C2", ls=":", label="refine, training-free")
+        if hit:
+            ax2.plot([hit[0] * tokens_per_step / 1e6], [hit[1]], "kx", ms=8)
+        ax2.set_title(f"from mean pooling, {match_steps} steps")
+        ax2.set_xlabel("uptraining tokens (millions)")
+    for a in axes[0]:
+        a.axhline(source, color="grey", ls="--", label="source (MHA)")
+        a.set_yscale("log")
+        a.set_ylabel(f"eval perplexity ({ev['tokens'] // 1024}k tokens, stride {ev['stride']})")
+        a.legend(fontsize=8)
     ax.set_xlabel("uptraining step")
-    ax.set_ylabel("eval perplexity (8k tokens)")
-    ax.set_title(f"{Path(model).name}: MQA uptraining, same budget")
-    ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "uptrain_from_start.png", dpi=110)
-    return "\n".join([f"| MQA start ({steps} steps) | eval ppl before | after |", "|---|---|---|", *lines])
+    fig.savefig(out / "uptrain_from_start.png", dpi=100)
+    return "\n".join(md)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out/quality"))
     ap.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per model")
-    ap.add_argument("--uptrain-steps", type=int, default=0)
+    ap.add_argument("--uptrain-steps", type=int, default=0, help="MQA uptraining steps from each start [0: none]")
+    ap.add_argument(
+        "--uptrain-match-steps",
+        type=int,
+        default=0,
+        help="also uptrain from mean pooling this long, until it reaches refine's training-free perplexity",
+    )
+    ap.add_argument("--uptrain-model", default="stories260K-mha", help="model directory name in ../shared/models")
     ap.add_argument("--models", nargs="*", help="model directory names in ../shared/models [default: all]")
     ap.add_argument("--methods", nargs="*", help=f"rows to run [default: all of {', '.join(METHODS)}]")
     args = ap.parse_args()
@@ -167,12 +243,11 @@ def main() -> None:
     if args.uptrain_steps:
         md.append(
             uptrain_compare(
-                str(SHARED / "models" / "stories260K-mha"),
-                METHODS["fold + calib + search"],
+                str(SHARED / "models" / args.uptrain_model),
                 args.uptrain_steps,
+                args.uptrain_match_steps,
                 work,
                 args.out,
-                args.tokens,
             )
         )
     table = "\n".join(md)
