@@ -174,3 +174,26 @@ def test_the_package_imports_the_pipeline_only_when_used():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_start_up_read_ahead_is_a_harmless_hint(tmp_path, src, monkeypatch):
+    """The executable hints the kernel to read the model's first weight files while Python
+    imports torch: only regular files of a directory among the first two arguments, within
+    the budget, never a FIFO (opening one for reading would block the start)."""
+    from gqa_convert import launch
+
+    hinted = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(launch.os, "posix_fadvise", lambda fd, off, n, adv: (hinted.append(n), real(fd, off, n, adv)))
+    os.mkfifo(tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "c.safetensors").write_bytes(b"y" * 1000)
+    (tmp_path / "notes.txt").write_text("not weights")
+    launch.prefetch(["convert", str(tmp_path), "-g", "2"], budget=1500)
+    assert hinted == [1000, 500]
+    hinted.clear()
+    launch.prefetch(["verify", "--data", str(tmp_path)])  # only the first two arguments are looked at
+    launch.prefetch([str(tmp_path / "nope"), "\0"])
+    assert hinted == []
+    launch.prefetch([str(src)])
+    assert hinted and sum(hinted) == sum(p.stat().st_size for p in src.glob("*.safetensors"))
