@@ -24,6 +24,7 @@ DEFAULT_VERIFY_TOKENS = 16384
 DEFAULT_REFINE_STEPS = 400
 DEFAULT_REFINE_LR = 3e-3
 DEFAULT_REFINE_TOKENS = 16384
+DEFAULT_REFINE_BATCH_TOKENS = 2048
 MAX_VERIFY_SEQ_LEN = 1024  # verify's default window: the model's context, at most this
 MAX_TRAIN_SEQ_LEN = 2048  # uptrain's and calibration's default sequence: the context, at most this
 DEFAULT_MAX_SHARD = "5GB"  # transformers' default shard size
@@ -67,6 +68,7 @@ LIMITS: dict[str, Limit] = {
     "refine_steps": Limit(min=0, max=1 << 20, integer=True),
     "refine_lr": Limit(above=0, max=10),
     "refine_tokens": Limit(min=4, max=1 << 40, integer=True),
+    "refine_batch_tokens": Limit(min=1, max=1 << 30, integer=True),
 }
 
 

@@ -79,6 +79,16 @@ def test_deterministic_given_seed(tmp_path, text):
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
 
 
+def test_batch_tokens_sets_the_windows_per_step(tmp_path, text):
+    """--refine-batch-tokens is whole windows per Adam step (at least one); a different batch
+    is a different fit."""
+    src, _ = _source(tmp_path)
+    small = convert(src, 2, out=tmp_path / "small", calib=[text], refine_batch_tokens=1, **FAST).refinement
+    big = convert(src, 2, out=tmp_path / "big", calib=[text], **FAST).refinement
+    assert small["batch_tokens"] == small["seq_len"] < big["batch_tokens"]
+    assert _weights(tmp_path / "small") != _weights(tmp_path / "big")
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [
@@ -86,6 +96,7 @@ def test_deterministic_given_seed(tmp_path, text):
         (["--refine-lr", "0"], "--refine-lr"),
         (["--refine-lr", "nan"], "--refine-lr"),
         (["--refine-tokens", "1"], "--refine-tokens"),
+        (["--refine-batch-tokens", "0"], "--refine-batch-tokens"),
         (["--refine-device", "tpu"], "--refine-device"),
     ],
 )

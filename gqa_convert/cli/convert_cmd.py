@@ -16,6 +16,7 @@ from ..methods import METHODS
 from ..options import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_MAX_SHARD,
+    DEFAULT_REFINE_BATCH_TOKENS,
     DEFAULT_REFINE_LR,
     DEFAULT_REFINE_STEPS,
     DEFAULT_REFINE_TOKENS,
@@ -162,6 +163,12 @@ def convert_command(
         help="--method refine: tokens of --calib to use; 1/8 is held out (after fold's calibration tokens when the text is long enough).",
         rich_help_panel="Method",
     ),
+    refine_batch_tokens: int = typer.Option(
+        DEFAULT_REFINE_BATCH_TOKENS,
+        "--refine-batch-tokens",
+        help="--method refine: tokens per Adam step (whole windows of up to 256 tokens; at least one).",
+        rich_help_panel="Method",
+    ),
     refine_device: Optional[str] = typer.Option(
         None,
         "--refine-device",
@@ -245,6 +252,7 @@ def convert_command(
                 refine_steps=refine_steps,
                 refine_lr=refine_lr,
                 refine_tokens=refine_tokens,
+                refine_batch_tokens=refine_batch_tokens,
                 refine_device=refine_device,
                 trust_remote_code=trust_remote_code,
                 on_start=on_start,

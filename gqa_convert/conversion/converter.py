@@ -35,6 +35,7 @@ from ..methods import get_method
 from ..options import (
     DEFAULT_CALIB_TOKENS,
     DEFAULT_MAX_SHARD,
+    DEFAULT_REFINE_BATCH_TOKENS,
     DEFAULT_REFINE_LR,
     DEFAULT_REFINE_STEPS,
     DEFAULT_REFINE_TOKENS,
@@ -235,6 +236,7 @@ def convert(
     refine_steps: int = DEFAULT_REFINE_STEPS,
     refine_lr: float = DEFAULT_REFINE_LR,
     refine_tokens: int = DEFAULT_REFINE_TOKENS,
+    refine_batch_tokens: int = DEFAULT_REFINE_BATCH_TOKENS,
     refine_device: str | None = None,
     trust_remote_code: bool = False,
     on_start: Callable[[ConversionPlan], None] | None = None,
@@ -247,7 +249,7 @@ def convert(
     -mqa) or nothing at all. `on_start` receives the plan before writing begins and
     `on_bytes` the number of bytes each write added (for progress bars).
     `refine_*` tune --method refine: Adam steps per layer at most, learning rate, calibration
-    tokens (1/8 held out) and device (default: CUDA when present).
+    tokens (1/8 held out), tokens per Adam step and device (default: CUDA when present).
     Raises ConversionError for every problem a user can fix.
     """
     started = time.perf_counter()
@@ -257,6 +259,7 @@ def convert(
         refine_steps=refine_steps,
         refine_lr=refine_lr,
         refine_tokens=refine_tokens,
+        refine_batch_tokens=refine_batch_tokens,
     )
     source = open_source(model, revision, check_config=family_for)
     plan = build_plan(
@@ -306,6 +309,7 @@ def convert(
             steps=refine_steps,
             lr=refine_lr,
             tokens=refine_tokens,
+            batch_tokens=refine_batch_tokens,
             device=refine_device,
             separator=calib_separator,
         )

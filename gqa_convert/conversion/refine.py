@@ -29,6 +29,7 @@ from ..architectures import Family, context_length, module_path, refine_refusal
 from ..data import build_stream, iter_documents
 from ..errors import ConversionError, shown
 from ..io.hf import load_tokenizer, quiet_transformers
+from ..options import DEFAULT_REFINE_BATCH_TOKENS
 from .calibrate import Calibration, calibration_device
 from .layer import method_roles, stored_outputs
 from .plan import ConversionPlan, LayerPlan
@@ -36,7 +37,6 @@ from .plan import ConversionPlan, LayerPlan
 # Fitted roles: the tensors a GQA checkpoint of a separate-q/k/v/o family holds per block.
 FIT_ROLES = ("q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight")
 SEQ_LEN = 256  # calibration sequence length (at most the model's context)
-BATCH_TOKENS = 2048  # tokens per Adam step
 HOLDOUT = 1 / 8  # share of --refine-tokens held out (never fitted on)
 EVAL_EVERY = 10  # steps between held-out evaluations
 PATIENCE = 5  # evaluations without improvement before stopping
@@ -376,6 +376,7 @@ def refine(
     steps: int,
     lr: float,
     tokens: int,
+    batch_tokens: int = DEFAULT_REFINE_BATCH_TOKENS,
     device: str | None = None,
     separator: str | None = None,
 ) -> RefineResult:
@@ -387,7 +388,7 @@ def refine(
     family, source = plan.family, plan.source
     train_seqs, held_seqs, disjoint = _sequences(plan, data, tokens, separator, calibration.tokens)
     seq_len = int(train_seqs.shape[1])
-    per_batch = max(1, BATCH_TOKENS // seq_len)
+    per_batch = max(1, batch_tokens // seq_len)  # whole windows per Adam step
     split = lambda s: [s[i : i + per_batch].to(device) for i in range(0, len(s), per_batch)]  # noqa: E731
 
     # Two skeletons, no weights: the source's attention and the converted layer are filled in
