@@ -94,6 +94,16 @@ def _q_heads(k: int, m: int) -> range:
     return range(k * m, (k + 1) * m)
 
 
+def pair_energy(q_energy: Tensor, A: Tensor, B: Tensor, kv_heads, m: int) -> Tensor:
+    """(P, len(kv_heads)): how much each KV head's query heads use each rotary pair (A[p], B[p])."""
+    return torch.stack([sum(q_energy[h, A] + q_energy[h, B] for h in _q_heads(k, m)) for k in kv_heads], 1)
+
+
+def pair_weight(energy: Tensor) -> Tensor:
+    """The weight of each head's key in a pair's fit: sqrt of its energy, kept above zero."""
+    return energy.sqrt() + 1e-12 * energy.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
+
+
 def value_reach(Wo: Tensor, k: int, m: int, hd: int) -> Tensor:
     """What of KV head k's values reaches the output: sqrt of the sum over its query heads of W_o^h' W_o^h."""
     cols = [Wo[:, h * hd : (h + 1) * hd] for h in _q_heads(k, m)]
@@ -157,8 +167,7 @@ def keys(
             # every rotary pair at once: Z[p] holds the group's complex key rows (r, d) for pair p
             Z = torch.complex(Kw[g][:, A], Kw[g][:, B]).transpose(0, 1)  # (P, r, d)
             # how much each head's queries use each pair (the weight of its key in the fit)
-            energy = torch.stack([sum(q_energy[h, A] + q_energy[h, B] for h in _q_heads(k, m)) for k in g], 1)  # (P, r)
-            weight = energy.sqrt() + 1e-12 * energy.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
+            weight = pair_weight(pair_energy(q_energy, A, B, g, m))  # (P, r)
             Y = weight.to(Z.dtype)[..., None] * Z
             # the best rank-1 fit of each Y from the top eigenpair of its small r x r Gram matrix
             e, U = torch.linalg.eigh(Y @ Y.mH)  # ascending
@@ -285,9 +294,7 @@ class FoldProblem:
             Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
             q_energy = Qw.square().sum(-1)  # (H, hd)
             Z = torch.complex(Kw[:, A], Kw[:, B]).transpose(0, 1)  # (P, n_kv, d)
-            energy = torch.stack(
-                [sum(q_energy[h, A] + q_energy[h, B] for h in _q_heads(k, m)) for k in range(self.n_kv)], 1
-            )  # (P, n_kv), summed as keys() sums it
+            energy = pair_energy(q_energy, A, B, range(self.n_kv), m)  # (P, n_kv)
             self._key_terms = (Z @ Z.mH, energy)
         return self._key_terms
 
@@ -298,8 +305,7 @@ class FoldProblem:
             return keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)[2]
         gram, energy = self.key_terms
         idx = torch.tensor(group)
-        e = energy[:, idx]  # (P, r)
-        weight = e.sqrt() + 1e-12 * e.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
+        weight = pair_weight(energy[:, idx])  # (P, r)
         G = gram[:, idx][:, :, idx] * (weight[:, :, None] * weight[:, None, :]).to(gram.dtype)
         ev = torch.linalg.eigvalsh(G)  # (P, r) ascending
         return float(ev[:, :-1].clamp_min(0).sum())
