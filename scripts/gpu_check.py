@@ -63,7 +63,7 @@ RUN = {  # per mode: seq-len, batch, timed steps, warm-up steps, calibration tok
     "gpu": dict(seq=2048, batch=8, steps=20, warmup=5, calib_tokens=32768, verify_tokens=65536),
     "cpu": dict(seq=64, batch=4, steps=4, warmup=2, calib_tokens=2048, verify_tokens=2048),
 }
-STEP_SECONDS = {"gpu": 150, "cpu": 240}
+STEP_SECONDS = {"gpu": 200, "cpu": 240}
 SKIP = "skipped: no GPU"
 
 
@@ -77,10 +77,17 @@ def cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _env(**extra: str) -> dict:
+    """The environment of a child: the repository first on PYTHONPATH, whatever was there kept
+    (the wheels carried in .whl/ are installed into a folder on it)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", **extra}
+
+
 def gqa(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in a child process."""
     cmd = [sys.executable, "-m", "gqa_convert", *args]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = _env(**(env or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if p.returncode != 0:
         raise RuntimeError(f"gqa-convert {' '.join(args[:3])} ... exit {p.returncode}: {p.stderr.strip()[-600:]}")
@@ -135,6 +142,15 @@ def _text(work: Path, mode: str) -> tuple[Path, Path]:
         corpus.write_text(train, seed=1, n_words=words, n_docs=400, length=500)
         corpus.write_text(held, seed=2, n_words=words, n_docs=60, length=500)
     return train, held
+
+
+def _converted(work: Path, mode: str) -> Path:
+    """The GQA-4 mean-pooled model the later steps train and score (made here if the convert
+    step did not run in this work folder, so any step can be rerun alone)."""
+    path = work / "gqa4-mean"
+    if not (path / "config.json").is_file():
+        gqa(str(_model(work, mode)), "-g", "4", "-o", str(path), "--force", "-q")
+    return path
 
 
 def step_convert(work: Path, mode: str) -> dict:
@@ -212,6 +228,7 @@ def step_lora_4bit(work: Path, mode: str) -> dict:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError("bitsandbytes is not installed: carry its wheel (see README, 'GPU check')")
     train, held = _text(work, mode)
+    _converted(work, mode)
     out_dir = work / "lora4"
     gqa("uptrain", str(work / "gqa4-mean"), "--data", str(train), "--out", str(out_dir), "--steps", "10",
         "--seq-len", "512", "--batch-size", "4", "--lora", "--load-in-4bit", "--force", "-q")  # fmt: skip
@@ -250,9 +267,7 @@ def step_fsdp_compile(work: Path, mode: str) -> dict:
                str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
                "-m", "gqa_convert", "uptrain", str(work / "gqa4-mean"), "--out", str(work / "fsdp"), *common]  # fmt: skip
         t = time.perf_counter()
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
         if p.returncode != 0:
             raise RuntimeError(f"FSDP run failed: {p.stderr.strip()[-800:]}")
         out["fsdp_seconds"] = time.perf_counter() - t
@@ -315,11 +330,11 @@ def step_resume(work: Path, mode: str) -> dict:
     r = RUN[mode]
     steps, every = 12, 4
     common = ["--data", str(train), "--steps", str(steps), "--seq-len", str(r["seq"]), "--batch-size", "2",
-              "--lr", "1e-3", "--warmup", "2", "--save-every", str(every), "-q"]  # fmt: skip
-    model = str(work / "gqa4-mean")
+              "--lr", "1e-3", "--warmup", "2", "--save-every", str(every), "--deterministic", "-q"]  # fmt: skip
+    model = str(_converted(work, mode))
     gqa("uptrain", model, "--out", str(work / "full"), *common, "--force")
     cut = work / "cut"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "gqa_convert", "uptrain", model, "--out", str(cut), *common],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
     first = cut.parent / (cut.name + ".uptrain-state") / f"step-{every}" / "progress.json"

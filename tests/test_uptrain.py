@@ -218,3 +218,44 @@ def test_token_files_and_gradient_checkpointing(tiny, tmp_path):
         uptrain(
             str(tiny / "mqa"), opts(tiny, tmp_path / "x", data=[str(tmp_path / "tokens.npy"), str(tiny / "train.txt")])
         )
+
+
+def test_lora_merge_into_a_fresh_base_equals_peft_merge(tiny):
+    """A 4-bit run's adapters are merged into the source loaded again in full precision
+    (peft's own merge on a 4-bit base re-quantizes, and the model cannot be cast back):
+    the result equals merging the same adapters into the base they were trained on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gqa_convert.training.uptrainer import merge_lora_into
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny / "mqa", dtype=torch.float32)
+
+    trained = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)  # B starts at zero: a real delta must be there to be merged
+    merged = merge_lora_into(trained, base())
+    expected = trained.merge_and_unload().state_dict()
+    got = merged.state_dict()
+    assert set(got) == set(expected) and not any("lora" in k for k in got)
+    changed = [k for k in got if not torch.equal(got[k], base().state_dict()[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+
+
+def test_deterministic_runs_repeat(tiny, tmp_path):
+    """--deterministic is process-wide (torch.use_deterministic_algorithms, as transformers'
+    full determinism): switched back off here so later tests run as users' would."""
+    try:
+        a = uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "a", steps=4, deterministic=True))
+        b = uptrain(str(tiny / "mqa"), opts(tiny, tmp_path / "b", steps=4, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    losses = [[h["loss"] for h in r.history if "loss" in h] for r in (a, b)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]

@@ -128,6 +128,12 @@ def uptrain_command(
     ),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel="Performance"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel="Performance"),
+    deterministic: bool = typer.Option(
+        False,
+        "--deterministic",
+        help="Deterministic GPU kernels (slower): the same seed gives the same losses, run after run.",
+        rich_help_panel="Performance",
+    ),
     compile_backend: str = typer.Option(
         "inductor",
         "--compile-backend",
@@ -201,6 +207,7 @@ def uptrain_command(
         gradient_checkpointing=gradient_checkpointing,
         compile=compile,
         compile_backend=compile_backend,
+        deterministic=deterministic,
         lora=lora,
         lora_rank=lora_rank,
         lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None,

@@ -69,6 +69,7 @@ class UptrainOptions:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend (e.g. "aot_eager" or "eager" to debug)
+    deterministic: bool = False  # deterministic kernels (cuBLAS, attention, scatter): slower, repeatable on a GPU
     lora: bool = False
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | None = None  # default: the family's attention projections
@@ -291,6 +292,10 @@ class Uptraining:
                 "uptrain: keeping an emulated checkpoint's K/V heads tied is not supported under FSDP"
             )
         set_seed(o.seed)
+        if o.deterministic:  # before any cuBLAS handle exists: it reads CUBLAS_WORKSPACE_CONFIG once
+            from transformers import enable_full_determinism
+
+            enable_full_determinism(o.seed, warn_only=True)  # an op with no such kernel warns, not fails
         self.tokenizer = load_tokenizer(self.root, o.trust_remote_code, why="to tokenize the training text")
         self.student = self._load_student()
         if o.gradient_checkpointing:  # transformers 5.x renamed it; older releases have only the first name
@@ -314,7 +319,18 @@ class Uptraining:
             auto = getattr(transformers, self.family.auto_class)
             model = auto.from_pretrained(self.root, quantization_config=q, attn_implementation="sdpa")
             return prepare_model_for_kbit_training(model)
-        return load_model(self.root, self.family, torch.float32, self.device, o.trust_remote_code)  # fp32 masters
+        model = load_model(self.root, self.family, torch.float32, self.device, o.trust_remote_code)  # fp32 masters
+        if o.deterministic:  # SDPA's fused backward kernels accumulate with atomics: eager attention is plain matmuls
+            model.set_attn_implementation("eager")
+        return model
+
+    def _load_base_full_precision(self) -> torch.nn.Module:
+        """The source model again, unquantized in float32 on the CPU: what a 4-bit run's
+        adapters are merged into (its frozen base weights were never trained)."""
+        base = load_model(self.root, self.family, torch.float32, "cpu", self.o.trust_remote_code)
+        if self.tied:
+            tie_repeated_heads(base, self.family, self.config, self.tied)
+        return base
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
@@ -520,7 +536,9 @@ class Uptraining:
         # gathered on every rank (FSDP shards the weights); LoRA adapters are merged into the base instead
         state_dict = None if self.o.lora else acc.get_state_dict(self.student)
         if acc.is_main_process:
-            if self.o.lora:
+            if self.o.lora and self.o.load_in_4bit:  # a 4-bit base cannot be cast back: merge into the source's
+                final = merge_lora_into(final, self._load_base_full_precision())
+            elif self.o.lora:
                 final = final.merge_and_unload()  # the output stays a stock checkpoint
             report.seconds = time.perf_counter() - self.started
             with writing_errors(self.out):
@@ -639,3 +657,17 @@ def _run(run: Uptraining, o: UptrainOptions, on_start, on_eval) -> UptrainReport
     run.save(report)
     report.seconds = time.perf_counter() - run.started
     return report
+
+
+def merge_lora_into(trained: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
+    """`base` with the LoRA adapters of `trained` (a peft model) merged into its weights.
+    For a 4-bit run: peft's own merge would re-quantize the sum, and a bitsandbytes model
+    cannot be cast back to the checkpoint's dtype; the frozen base is the source itself."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(trained).items()}
+    merged = get_peft_model(base, trained.peft_config["default"])
+    result = set_peft_model_state_dict(merged, adapters)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"LoRA adapters do not fit the base model: {result.unexpected_keys[:3]}")  # a bug
+    return merged.merge_and_unload()
