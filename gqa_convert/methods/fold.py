@@ -60,6 +60,33 @@ def psd_sqrt(P: Tensor) -> Tensor:
     return (U * e.clamp_min(0).sqrt()) @ U.T
 
 
+# From this size on, a Gram matrix's top k eigenvectors (k at most 1/RANDOMIZED_RATIO of it) come
+# from randomized subspace iteration instead of a full eigh: at 7B shapes with G = 1 (4096 x 4096,
+# k = 128) that is ~0.6 s instead of ~5.4 s a layer. Smaller problems (G >= 4 at 7B, every model
+# in the tests and ../shared) keep the exact path and their outputs byte for byte.
+RANDOMIZED_FROM = 2048
+RANDOMIZED_RATIO = 16
+POWER_STEPS = 6  # residual above the optimum: 0.16% on a flat (random) spectrum, 3e-8 on a decaying one
+
+
+def top_eigenpairs(C: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The k largest eigenvalues (descending, clamped at 0) and eigenvectors (n, k) of the PSD
+    matrix C, by subspace iteration on 2k random directions (seeded: the same C gives the same
+    answer) and a Rayleigh-Ritz step. Ritz values never exceed the true ones, so the energy
+    they leave out is an upper bound on the exact residual (and on what the fit leaves)."""
+    n = C.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(C @ torch.randn(n, min(n, 2 * k), generator=gen, dtype=C.dtype)).Q  # (n, 2k)
+    for _ in range(steps):
+        Q = torch.linalg.qr(C @ Q).Q
+    e, W = torch.linalg.eigh(Q.T @ C @ Q)  # ascending
+    return e.flip(0)[:k].clamp_min(0), Q @ W.flip(1)[:, :k]
+
+
+def randomized(n: int, k: int) -> bool:
+    return n >= RANDOMIZED_FROM and n >= RANDOMIZED_RATIO * k
+
+
 def shared_subspace(
     ALs: list[Tensor], Rs: list[Tensor], k: int, w: Whitener
 ) -> tuple[Tensor, list[Tensor], float, float]:
@@ -72,6 +99,17 @@ def shared_subspace(
     that carry no energy (rank-deficient X: duplicate or zero heads) get a zero row in S."""
     X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
     n, d = X.shape
+    if randomized(min(n, d), k):
+        C = X @ X.T if n <= d else X.T @ X  # (min(n, d),) * 2
+        top, U = top_eigenpairs(C, k)
+        total = float(C.diagonal().sum())  # the trace: every eigenvalue's energy, no eigh needed
+        if n <= d:
+            s = top.sqrt()
+            keep = s > s[:1].clamp_min(1e-300) * 1e-10
+            B = (U.T @ X) / torch.where(keep, s, 1.0)[:, None] * keep[:, None]
+        else:
+            B = U.T
+        return w.back(B), [AL @ B.T for AL in ALs], max(0.0, total - float(top.sum())), total
     if n <= d:
         e, U = torch.linalg.eigh(X @ X.T)
         e, U = e.flip(0).clamp_min(0), U.flip(1)  # descending
@@ -225,8 +263,11 @@ class FoldProblem:
         # Biases ride on a constant-1 input only when the checkpoint has them (else S could grow one).
         self.biased = "k.bias" in tensors and "v.bias" in tensors
         d = tensors["q.weight"].shape[1] + (1 if self.biased else 0)
-        C = torch.eye(d, dtype=torch.float64) if moment is None else moment.double()
-        self.w = Whitener.identity() if moment is None else Whitener.from_moment(C if self.biased else C[:d, :d])
+        if moment is None:  # data-free: C = I, and the whitening is the identity (no d x d matrix made)
+            self.w = Whitener.identity()
+        else:
+            C = moment.double()
+            self.w = Whitener.from_moment(C if self.biased else C[:d, :d])
         aug = (
             (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias")))
             if self.biased
