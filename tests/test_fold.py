@@ -217,3 +217,54 @@ def test_search_cost_from_the_cached_gram_equals_the_direct_residual(d, biased, 
         assert p.value_residual(group) == pytest.approx(direct, rel=1e-9, abs=1e-9 * p.v_total)
         _, _, direct, _ = keys(p.Wk, p.Wq, [group], p.m, hd, p.rope, p.w, False, p.kq)
         assert p.key_residual(group) == pytest.approx(direct, rel=1e-9, abs=1e-9 * p.k_total)
+
+
+@pytest.mark.parametrize("method", ["fold", "mean"])
+def test_heavy_methods_keep_freed_memory_and_give_it_back(tmp_path, monkeypatch, method):
+    """fold keeps glibc from unmapping freed blocks while it streams (each 7B layer's float64
+    temporaries were faulted in afresh), then restores the defaults and trims, also when the
+    conversion fails; mean pooling, which makes no such temporaries, leaves malloc alone."""
+    from gqa_convert.conversion import converter, stream
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(converter, "_glibc", lambda: FakeLibc())
+    seen = []
+    real = stream.convert_layer
+
+    def spy(*a, **kw):
+        seen.append(list(calls))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stream, "convert_layer", spy)
+    src, _ = make_checkpoint(tmp_path, "llama")
+    convert(src, 2, out=tmp_path / "out", method=method)
+    if method == "mean":
+        assert calls == []
+        return
+    on = [("mallopt", converter._M_MMAP_MAX, 0), ("mallopt", converter._M_TRIM_THRESHOLD, 2**31 - 1)]
+    off = [
+        ("mallopt", converter._M_MMAP_MAX, converter._DEFAULT_MMAP_MAX),
+        ("mallopt", converter._M_TRIM_THRESHOLD, converter._DEFAULT_TRIM_THRESHOLD),
+        ("trim", 0),
+    ]
+    assert seen and all(s == on for s in seen), "set while the blocks convert"
+    assert calls == on + off
+    calls.clear()
+
+    def fail(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stream, "convert_layer", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        convert(src, 2, out=tmp_path / "out2", method=method)
+    assert calls == on + off

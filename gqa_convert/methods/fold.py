@@ -60,26 +60,32 @@ def psd_sqrt(P: Tensor) -> Tensor:
     return (U * e.clamp_min(0).sqrt()) @ U.T
 
 
-# From this size on, a Gram matrix's top k eigenvectors (k at most 1/RANDOMIZED_RATIO of it) come
-# from randomized subspace iteration instead of a full eigh: at 7B shapes with G = 1 (4096 x 4096,
-# k = 128) that is ~0.6 s instead of ~5.4 s a layer. Smaller problems (G >= 4 at 7B, every model
-# in the tests and ../shared) keep the exact path and their outputs byte for byte.
+# From this size on, the top-k subspace of a wide group (k at most 1/RANDOMIZED_RATIO of the
+# stack's smaller side) comes from randomized subspace iteration instead of a full eigh: at 7B
+# shapes with G = 1 (a 4096 x 4096 stack, k = 128) that is ~0.4 s instead of ~6 s a layer.
+# Smaller problems (G >= 4 at 7B, every model in the tests and ../shared) keep the exact path
+# and their outputs byte for byte.
 RANDOMIZED_FROM = 2048
 RANDOMIZED_RATIO = 16
 POWER_STEPS = 6  # residual above the optimum: 0.16% on a flat (random) spectrum, 3e-8 on a decaying one
 
 
-def top_eigenpairs(C: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """The k largest eigenvalues (descending, clamped at 0) and eigenvectors (n, k) of the PSD
-    matrix C, by subspace iteration on 2k random directions (seeded: the same C gives the same
-    answer) and a Rayleigh-Ritz step. Ritz values never exceed the true ones, so the energy
-    they leave out is an upper bound on the exact residual (and on what the fit leaves)."""
-    n = C.shape[0]
+def top_right_subspace(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The k largest eigenvalues of X'X (descending, clamped at 0) and orthonormal directions
+    V (d, k) for them, by subspace iteration on 2k random directions (seeded: the same X gives
+    the same answer). The iterations only find the subspace, so they run in float32 through
+    X, never forming X'X; the Rayleigh-Ritz step that picks V inside it is float64. Ritz
+    values never exceed the true ones, so the energy they leave out is an upper bound on the
+    exact residual, and it is what the returned V leaves."""
+    n, d = X.shape
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(C @ torch.randn(n, min(n, 2 * k), generator=gen, dtype=C.dtype)).Q  # (n, 2k)
-    for _ in range(steps):
-        Q = torch.linalg.qr(C @ Q).Q
-    e, W = torch.linalg.eigh(Q.T @ C @ Q)  # ascending
+    X32 = X.float()
+    Q = torch.randn(d, min(n, d, 2 * k), generator=gen)  # (d, 2k)
+    for _ in range(steps + 1):
+        Q = torch.linalg.qr(X32.T @ (X32 @ Q)).Q
+    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision
+    Z = X @ Q  # (n, 2k)
+    e, W = torch.linalg.eigh(Z.T @ Z)  # ascending
     return e.flip(0)[:k].clamp_min(0), Q @ W.flip(1)[:, :k]
 
 
@@ -100,15 +106,10 @@ def shared_subspace(
     X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
     n, d = X.shape
     if randomized(min(n, d), k):
-        C = X @ X.T if n <= d else X.T @ X  # (min(n, d),) * 2
-        top, U = top_eigenpairs(C, k)
-        total = float(C.diagonal().sum())  # the trace: every eigenvalue's energy, no eigh needed
-        if n <= d:
-            s = top.sqrt()
-            keep = s > s[:1].clamp_min(1e-300) * 1e-10
-            B = (U.T @ X) / torch.where(keep, s, 1.0)[:, None] * keep[:, None]
-        else:
-            B = U.T
+        top, V = top_right_subspace(X, k)
+        total = float(torch.linalg.vector_norm(X)) ** 2  # every eigenvalue's energy, no eigh needed
+        keep = top > top[:1].clamp_min(1e-300) * 1e-20  # as below: no energy, a zero row in S
+        B = V.T * keep[:, None]  # (k, d), orthonormal rows
         return w.back(B), [AL @ B.T for AL in ALs], max(0.0, total - float(top.sum())), total
     if n <= d:
         e, U = torch.linalg.eigh(X @ X.T)
@@ -122,6 +123,14 @@ def shared_subspace(
         e, V = e.flip(0).clamp_min(0), V.flip(1)
         B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
     return w.back(B), [AL @ B.T for AL in ALs], float(e[k:].sum()), float(e.sum())
+
+
+def _take(x: Tensor, dim: int, idx: list[int]) -> Tensor:
+    """x's entries `idx` along `dim`: a view when they are a contiguous run (the usual groups
+    and rotate-half pairs), else a gather. The same values either way."""
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return x.narrow(dim, idx[0], len(idx))
+    return x.index_select(dim, torch.tensor(idx, dtype=torch.long))
 
 
 def _rows(h: int, dims, hd: int) -> list[int]:
@@ -198,12 +207,15 @@ def keys(
     res = tot = 0.0
     A = torch.tensor([a for a, _ in rope.planes], dtype=torch.long)
     B = torch.tensor([b for _, b in rope.planes], dtype=torch.long)
+    planes_a, planes_b = [a for a, _ in rope.planes], [b for _, b in rope.planes]
     Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
-    q_energy = Qw.square().sum(-1)  # (H, hd): how much each query row carries
+    # (H, hd): how much each query row carries; a head at a time (no (H*hd, d) temporary)
+    q_energy = torch.stack([q.square().sum(-1) for q in Qw])
     for gi, g in enumerate(groups):
         if len(A):  # the rotary pairs, all at once
             # every rotary pair at once: Z[p] holds the group's complex key rows (r, d) for pair p
-            Z = torch.complex(Kw[g][:, A], Kw[g][:, B]).transpose(0, 1)  # (P, r, d)
+            Kg = _take(Kw, 0, g)  # (r, hd, d), a view for a contiguous group
+            Z = torch.complex(_take(Kg, 1, planes_a), _take(Kg, 1, planes_b)).transpose(0, 1)  # (P, r, d)
             # how much each head's queries use each pair (the weight of its key in the fit)
             weight = pair_weight(pair_energy(q_energy, A, B, g, m))  # (P, r)
             Y = weight.to(Z.dtype)[..., None] * Z
