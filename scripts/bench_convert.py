@@ -356,6 +356,8 @@ def main() -> None:
 
     cfg, shard_bytes = SHAPES[args.shape]
     cfg = {**cfg, "num_hidden_layers": args.layers or cfg["num_hidden_layers"]}
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gqa-bench-", dir=args.workdir))
     figures: dict = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "groups": args.groups}
     try:
