@@ -30,22 +30,25 @@ def _owner(data: bytes | bytearray | memoryview) -> int:
 
 
 class Hashes:
-    """Named running SHA-256 digests, updated off the main thread."""
+    """Named running SHA-256 digests, updated off the main thread: each digest has a thread
+    of its own that takes its updates in order, so feeding never waits for a hash (only a
+    buffer about to be overwritten waits, in `release`). A source file and an output shard
+    are hashed at once, on two threads, while the main thread reads and writes."""
 
-    def __init__(self, workers: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
+    def __init__(self) -> None:
         self._digests: dict[str, hashlib._Hash] = {}
-        self._pending: dict[str, Future[None]] = {}
+        self._workers: dict[str, ThreadPoolExecutor] = {}  # one thread a digest: updates in order
+        self._pending: dict[str, Future[None]] = {}  # the last update queued, per digest
         self._readers: dict[int, list[Future[None]]] = {}  # buffer id -> updates queued on it
 
     def feed(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Queue `data` for digest `key`; updates of one digest stay in order. `data` must
         not be modified until `release(data)` or `wait(key)` has returned."""
         h = self._digests.setdefault(key, hashlib.sha256())
-        prev = self._pending.get(key)
-        if prev is not None:
-            prev.result()  # keep at most one chunk per digest in flight, in order
-        fut = self._pool.submit(h.update, data)
+        worker = self._workers.get(key)
+        if worker is None:
+            worker = self._workers[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        fut = worker.submit(h.update, data)
         self._pending[key] = fut
         readers = self._readers.setdefault(_owner(data), [])
         readers[:] = [f for f in readers if not f.done()]
@@ -57,16 +60,22 @@ class Hashes:
             fut.result()
 
     def wait(self, key: str) -> None:
+        """Until every update of `key` is done (its thread is then let go)."""
         f = self._pending.pop(key, None)
         if f is not None:
             f.result()
+        worker = self._workers.pop(key, None)
+        if worker is not None:
+            worker.shutdown(wait=True)
 
     def hexdigest(self, key: str) -> str:
         self.wait(key)
         return self._digests[key].hexdigest()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for worker in self._workers.values():
+            worker.shutdown(wait=True, cancel_futures=True)
+        self._workers.clear()
         self._readers.clear()
 
     def __enter__(self) -> Hashes:
