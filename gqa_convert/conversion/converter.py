@@ -240,7 +240,7 @@ def _freed_memory_reused(on: bool) -> Iterator[None]:
     """While `on`, freed blocks stay in the process for the next ones instead of going back to
     the kernel. fold makes ~1.6 GB of float64 temporaries a 7B layer; glibc maps each block
     over 32 MB afresh and unmaps it when freed, so every layer faulted its pages in again
-    (2.46M page faults and 20 s of kernel time for 6 layers; 0.49M and 8.7 s reused). Costs
+    (2.46M page faults and 20 s of kernel time for 6 layers; about 0.5M and 9-13 s reused). Costs
     ~0.2 GB of peak memory. Afterwards the defaults are set back and the heap trimmed; glibc's
     adaptive mmap threshold stays off in this process (setting either parameter turns it off)."""
     libc = _glibc() if on else None
