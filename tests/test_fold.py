@@ -118,23 +118,30 @@ def test_calibration_of_a_model_larger_than_the_memory_budget(tmp_path):
 
 @pytest.mark.parametrize("zero_head", [False, True])
 @pytest.mark.parametrize("rows,d", [(8, 32), (8, 12)])  # r*rows <= d (Gram of rows) and > d (Gram of columns)
-def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d):
-    """The eigen route gives the SVD's answer: the same best rank-k fit and residual, and
-    finite weights when the stack is rank deficient (a head that is all zeros)."""
+@pytest.mark.parametrize("reach", ["identity", "general"])
+def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d, reach):
+    """The eigen route gives the SVD's answer: the same best rank-k fit of X = [R_h A_h L]
+    and residual, and finite weights when the stack is rank deficient (a head that is all
+    zeros). A general (non-symmetric) R_h catches an R/R' mix-up in the route that builds
+    X X' from blocks without forming X."""
     from gqa_convert.methods.fold import Whitener, shared_subspace
 
     gen = torch.Generator().manual_seed(0)
-    ALs = [torch.randn(rows, d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    r = 3
+    ALs = [torch.randn(rows, d, generator=gen, dtype=torch.float64) for _ in range(r)]
     if zero_head:
         ALs[1] = torch.zeros(rows, d, dtype=torch.float64)
-    Rs = [torch.eye(rows, dtype=torch.float64) for _ in ALs]
+    Rs = [
+        torch.eye(rows, dtype=torch.float64) if reach == "identity" else torch.randn(rows, rows, generator=gen).double()
+        for _ in ALs
+    ]
     k = rows
     S, Ms, res, tot = shared_subspace(ALs, Rs, k, Whitener.identity())
-    X = torch.cat(ALs)
+    X = torch.cat([R @ AL for R, AL in zip(Rs, ALs)])
     U, s, Vt = torch.linalg.svd(X, full_matrices=False)
     best = (U[:, :k] * s[:k]) @ Vt[:k]
     assert torch.isfinite(S).all() and all(torch.isfinite(M).all() for M in Ms)
-    torch.testing.assert_close(torch.cat([M @ S for M in Ms]), best, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(torch.cat([R @ M @ S for R, M in zip(Rs, Ms)]), best, rtol=1e-8, atol=1e-8)
     assert res == pytest.approx(float((s[k:] ** 2).sum()), rel=1e-8, abs=1e-8)
     assert tot == pytest.approx(float((s**2).sum()), rel=1e-10)
 

@@ -103,26 +103,49 @@ def shared_subspace(
     small Gram matrix X X' (r*rows square, r*rows <= d in practice) rather than from a full
     SVD of the wide X: the same subspace for a fraction of the work at 7B shapes. Directions
     that carry no energy (rank-deficient X: duplicate or zero heads) get a zero row in S."""
+    n, d = sum(AL.shape[0] for AL in ALs), ALs[0].shape[1]
+    if n <= d and not randomized(n, k):
+        return _shared_subspace_from_gram(ALs, Rs, k, w)
     X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
-    n, d = X.shape
     if randomized(min(n, d), k):
         top, V = top_right_subspace(X, k)
         total = float(torch.linalg.vector_norm(X)) ** 2  # every eigenvalue's energy, no eigh needed
-        keep = top > top[:1].clamp_min(1e-300) * 1e-20  # as below: no energy, a zero row in S
+        keep = top > top[:1].clamp_min(1e-300) * 1e-20  # no energy: a zero row in S
         B = V.T * keep[:, None]  # (k, d), orthonormal rows
         return w.back(B), [AL @ B.T for AL in ALs], max(0.0, total - float(top.sum())), total
-    if n <= d:
-        e, U = torch.linalg.eigh(X @ X.T)
-        e, U = e.flip(0).clamp_min(0), U.flip(1)  # descending
-        s = e[:k].sqrt()
-        keep = s > s[:1].clamp_min(1e-300) * 1e-10
-        B = (U[:, :k].T @ X) / torch.where(keep, s, 1.0)[:, None]
-        B = B * keep[:, None]
-    else:
-        e, V = torch.linalg.eigh(X.T @ X)
-        e, V = e.flip(0).clamp_min(0), V.flip(1)
-        B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
+    e, V = torch.linalg.eigh(X.T @ X)  # X taller than wide: the d x d Gram matrix
+    e, V = e.flip(0).clamp_min(0), V.flip(1)
+    B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
     return w.back(B), [AL @ B.T for AL in ALs], float(e[k:].sum()), float(e.sum())
+
+
+def _shared_subspace_from_gram(
+    ALs: list[Tensor], Rs: list[Tensor], k: int, w: Whitener
+) -> tuple[Tensor, list[Tensor], float, float]:
+    """shared_subspace when the stack is wider than tall, without forming X = [R_h A_h L].
+
+    X X' has blocks R_i P_ij R_j' with P_ij = (A_i L)(A_j L)'; P is symmetric, so only the
+    blocks i <= j are multiplied. With U_k the top eigenvectors of X X' and s their singular
+    values, B = diag(1/s) U_k' X = sum_i V_i' A_i L for V_i = R_i' U_k,i / s (rows x k), and
+    M_j = (A_j L) B' = sum_i P_ji V_i: small products instead of the r products R_i A_i L and
+    the r products A_j L B' over the width d. At 7B, G = 8, ~45% fewer flops than through X."""
+    r = len(ALs)
+    P: list[list[Tensor]] = [[ALs[0]] * r for _ in range(r)]
+    for i in range(r):
+        for j in range(i, r):
+            P[i][j] = ALs[i] @ ALs[j].T
+            P[j][i] = P[i][j].T
+    gram = torch.cat([torch.cat([Rs[i] @ P[i][j] @ Rs[j].T for j in range(r)], 1) for i in range(r)])
+    e, U = torch.linalg.eigh(gram)
+    e, U = e.flip(0).clamp_min(0), U.flip(1)  # descending
+    s = e[:k].sqrt()
+    keep = s > s[:1].clamp_min(1e-300) * 1e-10  # no energy: a zero row in S
+    scale = keep / torch.where(keep, s, 1.0)
+    Uk = U[:, :k].split([AL.shape[0] for AL in ALs])
+    V = [(R.T @ u) * scale for R, u in zip(Rs, Uk, strict=True)]  # (rows, k) each
+    B = sum(v.T @ AL for v, AL in zip(V, ALs, strict=True))  # (k, d)
+    Ms = [sum(P[j][i] @ V[i] for i in range(r)) for j in range(r)]
+    return w.back(B), Ms, float(e[k:].sum()), float(e.sum())
 
 
 def _take(x: Tensor, dim: int, idx: list[int]) -> Tensor:
