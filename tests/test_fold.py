@@ -137,11 +137,11 @@ def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d, reach):
     ]
     k = rows
     S, Ms, res, tot = shared_subspace(ALs, Rs, k, Whitener.identity())
-    X = torch.cat([R @ AL for R, AL in zip(Rs, ALs)])
+    X = torch.cat([R @ AL for R, AL in zip(Rs, ALs, strict=True)])
     U, s, Vt = torch.linalg.svd(X, full_matrices=False)
     best = (U[:, :k] * s[:k]) @ Vt[:k]
     assert torch.isfinite(S).all() and all(torch.isfinite(M).all() for M in Ms)
-    torch.testing.assert_close(torch.cat([R @ M @ S for R, M in zip(Rs, Ms)]), best, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(torch.cat([R @ M @ S for R, M in zip(Rs, Ms, strict=True)]), best, rtol=1e-8, atol=1e-8)
     assert res == pytest.approx(float((s[k:] ** 2).sum()), rel=1e-8, abs=1e-8)
     assert tot == pytest.approx(float((s**2).sum()), rel=1e-10)
 

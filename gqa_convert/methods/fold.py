@@ -240,7 +240,7 @@ def keys(
             Z = torch.complex(_take(Kg, 1, planes_a), _take(Kg, 1, planes_b)).transpose(0, 1)  # (P, r, d)
             # how much each head's queries use each pair (the weight of its key in the fit)
             weight = pair_weight(pair_energy(q_energy, A, B, g, m))  # (P, r)
-            Y = weight.to(Z.dtype)[..., None] * Z
+            Y = Z.mul_(weight.to(Z.dtype)[..., None])  # in place: Z is fresh, and one (P, r, d) fewer at peak
             # the best rank-1 fit of each Y from the top eigenpair of its small r x r Gram matrix
             e, U = torch.linalg.eigh(Y @ Y.mH)  # ascending
             top, u = e[:, -1].clamp_min(0), U[:, :, -1]  # (P,), (P, r)
@@ -396,6 +396,10 @@ class FoldProblem:
         t, out = self.t, dict(self.t)
         new_v, new_o, _, _ = values(self.Wv, self.Wo, groups, self.m, self.hd, self.w, True, self.WvL, self.Rv)
         out["v.weight"], out["o.weight"] = _split(new_v, t, "v", self.biased, out), new_o.to(t["o.weight"].dtype)
+        # keys(), where the peak is, needs none of the value side: its float64 copies go now (a
+        # problem is converted once; the grouping search's cost() runs before, on a problem of its own)
+        del new_v, new_o
+        self.Wv = self.WvL = self.Wo = self.Rv = self._value_gram = None
         if self.key_norm:  # a per-head norm sits between k_proj and RoPE: no exact fold, mean-pool the keys
             from .pooling import pool_heads
 
