@@ -130,12 +130,12 @@ def _shared_subspace_from_gram(
     M_j = (A_j L) B' = sum_i P_ji V_i: small products instead of the r products R_i A_i L and
     the r products A_j L B' over the width d. At 7B, G = 8, ~45% fewer flops than through X."""
     r = len(ALs)
-    P: list[list[Tensor]] = [[ALs[0]] * r for _ in range(r)]
-    for i in range(r):
-        for j in range(i, r):
-            P[i][j] = ALs[i] @ ALs[j].T
-            P[j][i] = P[i][j].T
-    gram = torch.cat([torch.cat([Rs[i] @ P[i][j] @ Rs[j].T for j in range(r)], 1) for i in range(r)])
+    upper = {(i, j): ALs[i] @ ALs[j].T for i in range(r) for j in range(i, r)}
+
+    def P(i: int, j: int) -> Tensor:
+        return upper[i, j] if i <= j else upper[j, i].T
+
+    gram = torch.cat([torch.cat([Rs[i] @ P(i, j) @ Rs[j].T for j in range(r)], 1) for i in range(r)])
     e, U = torch.linalg.eigh(gram)
     e, U = e.flip(0).clamp_min(0), U.flip(1)  # descending
     s = e[:k].sqrt()
@@ -144,7 +144,7 @@ def _shared_subspace_from_gram(
     Uk = U[:, :k].split([AL.shape[0] for AL in ALs])
     V = [(R.T @ u) * scale for R, u in zip(Rs, Uk, strict=True)]  # (rows, k) each
     B = sum(v.T @ AL for v, AL in zip(V, ALs, strict=True))  # (k, d)
-    Ms = [sum(P[j][i] @ V[i] for i in range(r)) for j in range(r)]
+    Ms = [sum(P(j, i) @ V[i] for i in range(r)) for j in range(r)]
     return w.back(B), Ms, float(e[k:].sum()), float(e.sum())
 
 
