@@ -49,7 +49,7 @@ class Whitener:
         return Whitener(U * e.sqrt(), (U / e.sqrt()).T)
 
     def white(self, X: Tensor) -> Tensor:
-        return X if self.L is None else X @ self.L
+        return X if self.L is None else _f64(X) @ self.L
 
     def back(self, X: Tensor) -> Tensor:
         return X if self.L_inv is None else X @ self.L_inv
@@ -156,6 +156,21 @@ def _take(x: Tensor, dim: int, idx: list[int]) -> Tensor:
     return x.index_select(dim, torch.tensor(idx, dtype=torch.long))
 
 
+def _f64(x: Tensor) -> Tensor:
+    """x in float64, contiguous (a head's columns of o_proj are multiplied ~2x faster so)."""
+    return x.to(torch.float64, memory_format=torch.contiguous_format)
+
+
+def _partition(groups: list[list[int]], n_kv: int) -> bool:
+    """Whether the groups hold every KV head exactly once."""
+    return sorted(k for g in groups for k in g) == list(range(n_kv))
+
+
+def _covers(rope: Rope, hd: int) -> bool:
+    """Whether the rotary planes and the linear dims hold every dim of a head exactly once."""
+    return sorted([*(d for plane in rope.planes for d in plane), *rope.linear]) == list(range(hd))
+
+
 def _rows(h: int, dims, hd: int) -> list[int]:
     return [h * hd + d for d in dims]
 
@@ -176,7 +191,7 @@ def pair_weight(energy: Tensor) -> Tensor:
 
 def value_reach(Wo: Tensor, k: int, m: int, hd: int) -> Tensor:
     """What of KV head k's values reaches the output: sqrt of the sum over its query heads of W_o^h' W_o^h."""
-    cols = [Wo[:, h * hd : (h + 1) * hd] for h in _q_heads(k, m)]
+    cols = [_f64(Wo[:, h * hd : (h + 1) * hd]) for h in _q_heads(k, m)]
     return psd_sqrt(sum(c.T @ c for c in cols))
 
 
@@ -191,11 +206,14 @@ def values(
     WvL: Tensor | None = None,
     Rv: list[Tensor] | None = None,
 ):
-    """Wv: (n_kv*hd, d) augmented; Wo: (hidden, H*hd). Returns (new Wv (G*hd, d), new Wo, residual, total).
+    """Wv: (n_kv*hd, d) augmented, float64; Wo: (hidden, H*hd), any float dtype (a head's columns
+    are taken to float64 when used). Returns (new Wv (G*hd, d), new Wo in Wo's dtype, residual, total).
     WvL, Rv: w.white(Wv) and value_reach(Wo, ...), when the caller has them (the grouping search
     asks many times)."""
     WvL = w.white(Wv) if WvL is None else WvL  # (n_kv*hd, d)
-    new_v, new_o = [], (Wo.clone() if apply else Wo)
+    # every column of o_proj is rewritten when the groups cover every KV head: no copy to start from
+    new_o = (torch.empty_like(Wo) if _partition(groups, Wv.shape[0] // hd) else Wo.clone()) if apply else Wo
+    new_v = []
     res = tot = 0.0
     for g in groups:
         ALs = [WvL[k * hd : (k + 1) * hd] for k in g]
@@ -206,7 +224,7 @@ def values(
         if apply:
             for k, M in zip(g, Ms, strict=True):
                 for h in _q_heads(k, m):
-                    new_o[:, h * hd : (h + 1) * hd] = Wo[:, h * hd : (h + 1) * hd] @ M
+                    new_o[:, h * hd : (h + 1) * hd] = _f64(Wo[:, h * hd : (h + 1) * hd]) @ M
     return torch.cat(new_v), new_o, res, tot
 
 
@@ -221,18 +239,22 @@ def keys(
     apply: bool = True,
     whitened: tuple[Tensor, Tensor] | None = None,
 ):
-    """Wk: (n_kv*hd, d), Wq: (H*hd, d), both augmented. Returns (new Wk (G*hd, d), new Wq, residual, total);
+    """Wk: (n_kv*hd, d), float64, and Wq: (H*hd, d), any float dtype (rows are taken to float64
+    when used), both augmented. Returns (new Wk (G*hd, d), new Wq in Wq's dtype, residual, total);
     with apply=False only the residual and total are computed. whitened: (w.white(Wk), w.white(Wq))."""
     WkL, WqL = (w.white(Wk), w.white(Wq)) if whitened is None else whitened  # whitened rows
     L_inv = None if w.L_inv is None or not apply else w.L_inv.to(torch.complex128)
     new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
-    new_q = Wq.clone() if apply else Wq
+    # every row of q_proj is rewritten when the groups cover every KV head and the rotary
+    # planes and linear dims cover the head: no copy to start from
+    covers = _partition(groups, Wk.shape[0] // hd) and _covers(rope, hd)
+    new_q = (torch.empty_like(Wq) if covers else Wq.clone()) if apply else Wq
     res = tot = 0.0
     planes_a, planes_b = [a for a, _ in rope.planes], [b for _, b in rope.planes]
     A, B = torch.tensor(planes_a, dtype=torch.long), torch.tensor(planes_b, dtype=torch.long)
     Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
     # (H, hd): how much each query row carries; a head at a time (no (H*hd, d) temporary)
-    q_energy = torch.stack([q.square().sum(-1) for q in Qw])
+    q_energy = torch.stack([_f64(q).square().sum(-1) for q in Qw])
     for gi, g in enumerate(groups):
         if len(A):  # the rotary pairs, all at once
             # every rotary pair at once: Z[p] holds the group's complex key rows (r, d) for pair p
@@ -256,20 +278,21 @@ def keys(
                 for j, k in enumerate(g):
                     cr, ci = c[:, j].real[:, None], c[:, j].imag[:, None]
                     for h in _q_heads(k, m):
-                        qa, qb = Wq[h * hd + A], Wq[h * hd + B]
-                        new_q[h * hd + A] = cr * qa + ci * qb
-                        new_q[h * hd + B] = cr * qb - ci * qa
+                        qa, qb = _f64(Wq[h * hd + A]), _f64(Wq[h * hd + B])
+                        new_q[h * hd + A] = (cr * qa + ci * qb).to(new_q.dtype)
+                        new_q[h * hd + B] = (cr * qb - ci * qa).to(new_q.dtype)
         if rope.linear:
             lin = list(rope.linear)
             ALs = [WkL[_rows(k, lin, hd)] for k in g]
-            Rs = [psd_sqrt(sum(WqL[_rows(h, lin, hd)] @ WqL[_rows(h, lin, hd)].T for h in _q_heads(k, m))) for k in g]
+            q_lin = [[_f64(WqL[_rows(h, lin, hd)]) for h in _q_heads(k, m)] for k in g]
+            Rs = [psd_sqrt(sum(q @ q.T for q in qs)) for qs in q_lin]
             S, Ns, r, t = shared_subspace(ALs, Rs, len(lin), w)
             res, tot = res + r, tot + t
             new_k[_rows(gi, lin, hd)] = S
             if apply:
                 for k, N in zip(g, Ns, strict=True):
                     for h in _q_heads(k, m):
-                        new_q[_rows(h, lin, hd)] = N.T @ Wq[_rows(h, lin, hd)]
+                        new_q[_rows(h, lin, hd)] = (N.T @ _f64(Wq[_rows(h, lin, hd)])).to(new_q.dtype)
     return new_k, new_q, res, tot
 
 
@@ -307,8 +330,11 @@ class FoldProblem:
             if self.biased
             else (lambda r: tensors[f"{r}.weight"].double())
         )
-        self.Wq, self.Wk, self.Wv = aug("q"), aug("k"), aug("v")
-        self.Wo = tensors["o.weight"].double()
+        self.Wk, self.Wv = aug("k"), aug("v")
+        # q and o stay in the checkpoint's dtype unless augmented: keys() and values() take the rows
+        # and columns they use to float64 a head at a time. (Whole float64 copies, a copy of each
+        # to rewrite and the casts back were ~0.2 CPU-s of a 7B layer's ~1.2, all memory traffic.)
+        self.Wq, self.Wo = (aug("q") if self.biased else tensors["q.weight"]), tensors["o.weight"]
         # Computed once: every cost() of the grouping search reuses them.
         self.WvL, self.kq = self.w.white(self.Wv), (self.w.white(self.Wk), self.w.white(self.Wq))
         self.Rv = [value_reach(self.Wo, k, self.m, hd) for k in range(n_kv)]
@@ -367,7 +393,7 @@ class FoldProblem:
             B = torch.tensor([b for _, b in self.rope.planes], dtype=torch.long)
             WkL, WqL = self.kq
             Kw, Qw = WkL.view(-1, hd, WkL.shape[1]), WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
-            q_energy = Qw.square().sum(-1)  # (H, hd)
+            q_energy = _f64(Qw).square().sum(-1)  # (H, hd)
             Z = torch.complex(Kw[:, A], Kw[:, B]).transpose(0, 1)  # (P, n_kv, d)
             energy = pair_energy(q_energy, A, B, range(self.n_kv), m)  # (P, n_kv)
             self._key_terms = (Z @ Z.mH, energy)
