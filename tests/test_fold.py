@@ -146,14 +146,17 @@ def test_shared_subspace_is_the_best_rank_k_fit(zero_head, rows, d, reach):
     assert tot == pytest.approx(float((s**2).sum()), rel=1e-10)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32-steps", "bf16-steps"])
 @pytest.mark.parametrize("spectrum", ["flat", "decaying", "low_rank"])
-def test_randomized_subspace_is_near_the_best_fit(monkeypatch, spectrum):
+def test_randomized_subspace_is_near_the_best_fit(monkeypatch, spectrum, bf16):
     """Large groups (G = 1 at 7B: a 4096 x 4096 Gram matrix, k = 128) take the top-k subspace
     from randomized subspace iteration. Its residual is an upper bound on the exact one and
     close to it: within 0.5% on a flat (random) spectrum, the worst case, to 1e-6 on a decaying
-    one, and exact when the stack's rank fits in the 2k directions (duplicated heads)."""
+    one, and exact when the stack's rank fits in the 2k directions (duplicated heads) — with
+    its power steps in float32, and in bfloat16 (as on a CPU with native bf16 products)."""
     from gqa_convert.methods import fold
 
+    monkeypatch.setattr(fold, "native_bf16", lambda: bf16)
     monkeypatch.setattr(fold, "RANDOMIZED_FROM", 256)  # the path, at a size the suite can afford
     gen = torch.Generator().manual_seed(5)
     rows, r, d, k = 16, 32, 640, 16  # n = r * rows = 512 <= d; k = rows
@@ -198,6 +201,56 @@ def test_randomized_subspace_on_real_weights(monkeypatch):
     approx = fold.shared_subspace(ALs, Rs, hd, fold.Whitener.identity())
     assert approx[3] == pytest.approx(exact[3], rel=1e-10)
     assert exact[2] * (1 - 1e-9) <= approx[2] <= exact[2] * (1 + 1e-4)
+
+
+def test_span_is_an_orthonormal_basis_even_where_cholesky_fails():
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(3)
+    Y = torch.randn(200, 12, generator=gen)
+    Q = fold._span(Y)  # well conditioned: Cholesky QR
+    torch.testing.assert_close(Q.T @ Q, torch.eye(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ (Q.T @ Y), Y, atol=1e-4, rtol=1e-4)  # the same span
+    Y[:, 5] = Y[:, 2]  # rank-deficient: Y'Y is singular, Householder QR takes over
+    Q = fold._span(Y)
+    assert torch.isfinite(Q).all()
+    torch.testing.assert_close(Q.T @ Q, torch.eye(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ (Q.T @ Y), Y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_keys_that_are_complex_multiples_share_one_head_exactly(layout):
+    """KV heads whose every rotary pair is a complex multiple of another head's (a rotation and a
+    scale per pair, which commute with RoPE) share one key exactly: the residual is zero and
+    each query head's complex form q_p conj(k_p), which is what attention sees of pair p at
+    every relative position, is unchanged. Fails if the pair Gram matrix is conjugated or the
+    shared row's real/imaginary parts are mixed (identical heads and G = H cannot see either)."""
+    from gqa_convert.architectures.rope import rope_layout
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(11)
+    hd, d, n_kv, m = 8, 12, 4, 2
+    rope = rope_layout(hd, hd, layout)
+    A, B = [a for a, _ in rope.planes], [b for _, b in rope.planes]
+
+    def pairs(W: torch.Tensor, h: int) -> torch.Tensor:  # (P, d) complex rows of head h
+        return torch.complex(W[[h * hd + a for a in A]], W[[h * hd + b for b in B]])
+
+    Wk = torch.randn(n_kv * hd, d, generator=gen, dtype=torch.float64)
+    for src, dst in ((0, 1), (2, 3)):
+        c = torch.complex(*torch.randn(2, len(A), 1, generator=gen, dtype=torch.float64))
+        z = pairs(Wk, src) * c
+        Wk[[dst * hd + a for a in A]], Wk[[dst * hd + b for b in B]] = z.real, z.imag
+    Wq = torch.randn(n_kv * m * hd, d, generator=gen, dtype=torch.float64)
+    groups = [[0, 1], [2, 3]]
+    new_k, new_q, res, tot = fold.keys(Wk, Wq, groups, m, hd, rope, fold.Whitener.identity())
+    assert res <= 1e-12 * tot
+    for h in range(n_kv * m):
+        k = h // m
+        g = next(i for i, grp in enumerate(groups) if k in grp)
+        before = pairs(Wq, h)[:, :, None] * pairs(Wk, k).conj()[:, None, :]  # (P, d, d)
+        after = pairs(new_q, h)[:, :, None] * pairs(new_k, g).conj()[:, None, :]
+        torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(
