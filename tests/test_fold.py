@@ -253,6 +253,24 @@ def test_keys_that_are_complex_multiples_share_one_head_exactly(layout):
         torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
 
 
+def test_keys_in_runs_of_pairs_give_the_same_result(monkeypatch):
+    """keys() gathers the rotary rows a run of pairs at a time (bounded memory for wide groups):
+    one pair at a time gives the same tensors as all at once."""
+    from gqa_convert.architectures.rope import rope_layout
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(4)
+    hd, d, n_kv, m = 8, 12, 4, 2
+    Wk = torch.randn(n_kv * hd, d, generator=gen, dtype=torch.float64)
+    Wq = torch.randn(n_kv * m * hd, d, generator=gen, dtype=torch.float64)
+    args = (Wk, Wq, [[0, 1, 2, 3]], m, hd, rope_layout(hd, 6, "half"), fold.Whitener.identity())
+    whole = fold.keys(*args)
+    monkeypatch.setattr(fold, "PAIR_ROWS_BYTES", 1)
+    runs = fold.keys(*args)
+    assert torch.equal(whole[0], runs[0]) and torch.equal(whole[1], runs[1])
+    assert runs[2] == pytest.approx(whole[2], rel=1e-12) and runs[3] == pytest.approx(whole[3], rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("d", "biased", "calibrated", "n_heads"), [(64, False, False, 8), (64, True, True, 16), (12, False, True, 8)]
 )

@@ -61,6 +61,8 @@ def psd_sqrt(P: Tensor) -> Tensor:
     return (U * e.clamp_min(0).sqrt()) @ U.T
 
 
+PAIR_ROWS_BYTES = 32 * 1024 * 1024  # keys(): the rotary pairs' rows gathered a run of pairs at a time
+
 # From this size on, the top-k subspace of a wide group (k at most 1/RANDOMIZED_RATIO of the
 # stack's smaller side) comes from randomized subspace iteration instead of a full eigh: at 7B
 # shapes with G = 1 (a 4096 x 4096 stack, k = 128) that is ~0.7 s instead of ~5.4 s a layer.
@@ -106,14 +108,14 @@ def top_right_subspace(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 
     out is an upper bound on the exact residual, and it is what the returned V leaves."""
     n, d = X.shape
     gen = torch.Generator().manual_seed(seed)
-    X32 = X.float()
     Q = torch.randn(d, min(n, d, 2 * k), generator=gen)  # (d, 2k)
     if native_bf16():
-        X16 = X32.bfloat16()
+        X16 = X.bfloat16()
         for _ in range(steps):
             Q = _span((X16.T @ (X16 @ Q.bfloat16())).float())
-        del X16
+        del X16  # before X32: never both
         steps = 0
+    X32 = X.float()
     for _ in range(steps + 1):
         Q = _span(X32.T @ (X32 @ Q))
     Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision
@@ -301,30 +303,36 @@ def keys(
     q_energy = torch.stack([_f64(q).square().sum(-1) for q in Qw])
     for gi, g in enumerate(groups):
         if len(A):  # the rotary pairs, all at once
-            # pair p of head j is the complex row z_j = a_j + i b_j (its two rotary rows); Kp[p]
-            # holds the group's a rows, then its b rows: real, so no complex (P, r, d) copies
-            Kp = pair_rows(WkL, g, planes_a, planes_b, hd)  # (P, 2r, d)
             # how much each head's queries use each pair (the weight of its key in the fit)
             weight = pair_weight(pair_energy(q_energy, A, B, g, m))  # (P, r)
-            # the best rank-1 fit of each pair's weighted rows w_j z_j, from the top eigenpair of
-            # their small r x r Gram matrix
-            gram = pair_gram(Kp) * (weight[:, :, None] * weight[:, None, :]).to(torch.complex128)
-            e, U = torch.linalg.eigh(gram)  # ascending
-            top, u = e[:, -1].clamp_min(0), U[:, :, -1]  # (P,), (P, r)
-            res, tot = res + float((e[:, :-1].clamp_min(0)).sum()), tot + float(e.clamp_min(0).sum())
+            c = torch.zeros(len(A), len(g), dtype=torch.complex128)  # head j's key ~ c[p, j] * shared
+            # pair p of head j is the complex row z_j = a_j + i b_j (its two rotary rows); Kp[p]
+            # holds the group's a rows, then its b rows: real, so no complex copies. A run of
+            # pairs at a time, at most PAIR_ROWS_BYTES of them (at 7B, G = 1: 2 MB a pair)
+            run = max(1, PAIR_ROWS_BYTES // (2 * len(g) * WkL.shape[1] * WkL.element_size()))
+            for lo in range(0, len(A), run):
+                at = slice(lo, lo + run)
+                Kp = pair_rows(WkL, g, planes_a[at], planes_b[at], hd)  # (p, 2r, d)
+                wt = weight[at]
+                # the best rank-1 fit of each pair's weighted rows w_j z_j, from the top eigenpair
+                # of their small r x r Gram matrix
+                e, U = torch.linalg.eigh(pair_gram(Kp) * (wt[:, :, None] * wt[:, None, :]).to(torch.complex128))
+                top, u = e[:, -1].clamp_min(0), U[:, :, -1]  # (p,), (p, r); e ascending
+                res, tot = res + float((e[:, :-1].clamp_min(0)).sum()), tot + float(e.clamp_min(0).sum())
+                if apply:
+                    sigma = top.sqrt()
+                    safe = torch.where(sigma > 0, sigma, 1.0)
+                    # the shared row sum_j v_j z_j with v_j = conj(u_j) w_j / sigma: its real and
+                    # imaginary parts as one real product over the a and b rows
+                    v = u.conj() * wt * ((sigma > 0) / safe)[:, None]  # (p, r)
+                    coef = torch.stack([torch.cat([v.real, -v.imag], 1), torch.cat([v.imag, v.real], 1)], 1)
+                    shared = coef @ Kp  # (p, 2, d): real and imaginary rows
+                    if L_inv is not None:
+                        shared = shared @ L_inv  # original coordinates
+                    new_k[gi * hd + A[at]], new_k[gi * hd + B[at]] = shared[:, 0], shared[:, 1]
+                    c[at] = u * sigma[:, None] / wt  # conj(c) goes into the queries
+                del Kp
             if apply:
-                sigma = top.sqrt()
-                safe = torch.where(sigma > 0, sigma, 1.0)
-                # the shared row sum_j v_j z_j with v_j = conj(u_j) w_j / sigma: its real and
-                # imaginary parts as one real product over the a and b rows
-                v = u.conj() * weight * ((sigma > 0) / safe)[:, None]  # (P, r)
-                coef = torch.stack([torch.cat([v.real, -v.imag], 1), torch.cat([v.imag, v.real], 1)], 1)
-                shared = coef @ Kp  # (P, 2, d): real and imaginary rows
-                if L_inv is not None:
-                    shared = shared @ L_inv  # original coordinates
-                new_k[gi * hd + A], new_k[gi * hd + B] = shared[:, 0], shared[:, 1]
-                del Kp, shared
-                c = u * sigma[:, None] / weight  # (P, r): head k's key ~ c * shared; conj(c) goes into its queries
                 for j, k in enumerate(g):
                     cr, ci = c[:, j].real[:, None], c[:, j].imag[:, None]
                     for h in _q_heads(k, m):
