@@ -213,7 +213,7 @@ def pair_rows(WkL: Tensor, heads, planes_a: list[int], planes_b: list[int], hd: 
     idx = torch.tensor(
         [[k * hd + a for k in heads] + [k * hd + b for k in heads] for a, b in zip(planes_a, planes_b, strict=True)]
     )
-    return WkL.index_select(0, idx.view(-1)).view(P, 2 * r, WkL.shape[1])
+    return _f64(WkL.index_select(0, idx.view(-1))).view(P, 2 * r, WkL.shape[1])
 
 
 def pair_gram(Kp: Tensor) -> Tensor:
@@ -252,8 +252,8 @@ def values(
     WvL: Tensor | None = None,
     Rv: list[Tensor] | None = None,
 ):
-    """Wv: (n_kv*hd, d) augmented, float64; Wo: (hidden, H*hd), any float dtype (a head's columns
-    are taken to float64 when used). Returns (new Wv (G*hd, d), new Wo in Wo's dtype, residual, total).
+    """Wv: (n_kv*hd, d) augmented and Wo: (hidden, H*hd), any float dtype (a group's rows and a
+    head's columns are taken to float64 when used). Returns (new Wv (G*hd, d), new Wo in Wo's dtype, residual, total).
     WvL, Rv: w.white(Wv) and value_reach(Wo, ...), when the caller has them (the grouping search
     asks many times)."""
     WvL = w.white(Wv) if WvL is None else WvL  # (n_kv*hd, d)
@@ -262,7 +262,7 @@ def values(
     new_v = []
     res = tot = 0.0
     for g in groups:
-        ALs = [WvL[k * hd : (k + 1) * hd] for k in g]
+        ALs = [_f64(WvL[k * hd : (k + 1) * hd]) for k in g]
         Rs = [value_reach(Wo, k, m, hd) for k in g] if Rv is None else [Rv[k] for k in g]
         S, Ms, r, t = shared_subspace(ALs, Rs, hd, w)
         res, tot = res + r, tot + t
@@ -285,12 +285,12 @@ def keys(
     apply: bool = True,
     whitened: tuple[Tensor, Tensor] | None = None,
 ):
-    """Wk: (n_kv*hd, d), float64, and Wq: (H*hd, d), any float dtype (rows are taken to float64
-    when used), both augmented. Returns (new Wk (G*hd, d), new Wq in Wq's dtype, residual, total);
+    """Wk: (n_kv*hd, d) and Wq: (H*hd, d), any float dtype (rows are taken to float64 when
+    used), both augmented. Returns (new Wk (G*hd, d), new Wq in Wq's dtype, residual, total);
     with apply=False only the residual and total are computed. whitened: (w.white(Wk), w.white(Wq))."""
     WkL, WqL = (w.white(Wk), w.white(Wq)) if whitened is None else whitened  # whitened rows
     L_inv = None if not apply else w.L_inv
-    new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=Wk.dtype)
+    new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=torch.float64)
     # every row of q_proj is rewritten when the groups cover every KV head and the rotary
     # planes and linear dims cover the head: no copy to start from
     covers = _partition(groups, Wk.shape[0] // hd) and _covers(rope, hd)
@@ -309,7 +309,7 @@ def keys(
             # pair p of head j is the complex row z_j = a_j + i b_j (its two rotary rows); Kp[p]
             # holds the group's a rows, then its b rows: real, so no complex copies. A run of
             # pairs at a time, at most PAIR_ROWS_BYTES of them (at 7B, G = 1: 2 MB a pair)
-            run = max(1, PAIR_ROWS_BYTES // (2 * len(g) * WkL.shape[1] * WkL.element_size()))
+            run = max(1, PAIR_ROWS_BYTES // (2 * len(g) * WkL.shape[1] * 8))  # float64 rows
             for lo in range(0, len(A), run):
                 at = slice(lo, lo + run)
                 Kp = pair_rows(WkL, g, planes_a[at], planes_b[at], hd)  # (p, 2r, d)
@@ -341,7 +341,7 @@ def keys(
                         new_q[h * hd + B] = (cr * qb - ci * qa).to(new_q.dtype)
         if rope.linear:
             lin = list(rope.linear)
-            ALs = [WkL[_rows(k, lin, hd)] for k in g]
+            ALs = [_f64(WkL[_rows(k, lin, hd)]) for k in g]
             q_lin = [[_f64(WqL[_rows(h, lin, hd)]) for h in _q_heads(k, m)] for k in g]
             Rs = [psd_sqrt(sum(q @ q.T for q in qs)) for qs in q_lin]
             S, Ns, r, t = shared_subspace(ALs, Rs, len(lin), w)
@@ -386,13 +386,13 @@ class FoldProblem:
         aug = (
             (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias")))
             if self.biased
-            else (lambda r: tensors[f"{r}.weight"].double())
+            else (lambda r: tensors[f"{r}.weight"])
         )
-        self.Wk, self.Wv = aug("k"), aug("v")
-        # q and o stay in the checkpoint's dtype unless augmented: keys() and values() take the rows
-        # and columns they use to float64 a head at a time. (Whole float64 copies, a copy of each
-        # to rewrite and the casts back were ~0.2 CPU-s of a 7B layer's ~1.2, all memory traffic.)
-        self.Wq, self.Wo = (aug("q") if self.biased else tensors["q.weight"]), tensors["o.weight"]
+        # The projections stay in the checkpoint's dtype unless augmented (or whitened, below):
+        # keys() and values() take the rows and columns they use to float64 a head or a group at
+        # a time. (Whole float64 copies of the four, a copy of q and o to rewrite and the casts
+        # back were ~0.3 CPU-s of a 7B layer's ~1.2, all memory traffic, and 0.5 GB.)
+        self.Wq, self.Wk, self.Wv, self.Wo = aug("q"), aug("k"), aug("v"), tensors["o.weight"]
         # Computed once: every cost() of the grouping search reuses them.
         self.WvL, self.kq = self.w.white(self.Wv), (self.w.white(self.Wk), self.w.white(self.Wq))
         self.Rv = [value_reach(self.Wo, k, self.m, hd) for k in range(n_kv)]
@@ -429,7 +429,7 @@ class FoldProblem:
         (r*hd) product. Computed on first use: only the grouping search needs it."""
         if self._value_gram is None:
             hd = self.hd
-            Y = torch.cat([self.Rv[k] @ self.WvL[k * hd : (k + 1) * hd] for k in range(self.n_kv)])
+            Y = torch.cat([self.Rv[k] @ _f64(self.WvL[k * hd : (k + 1) * hd]) for k in range(self.n_kv)])
             self._value_gram = Y @ Y.T
         return self._value_gram
 
