@@ -97,15 +97,14 @@ def _span(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def top_right_subspace(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """The k largest eigenvalues of X'X (descending, clamped at 0) and orthonormal directions
-    V (d, k) for them, by subspace iteration on 2k random directions (seeded: the same X gives
-    the same answer). The iterations only find the subspace, so they run in low precision
-    through X, never forming X'X: bfloat16 products where the CPU has native ones (the last
-    step in float32, so that the subspace ends float32-accurate: a rank that fits in 2k
-    directions is still captured to 1e-9), else float32. The Rayleigh-Ritz step that picks V
-    inside it is float64. Ritz values never exceed the true ones, so the energy they leave
-    out is an upper bound on the exact residual, and it is what the returned V leaves."""
+def top_right_basis(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> Tensor:
+    """An orthonormal basis Q (d, 2k), float64, of a subspace that holds X'X's top k
+    eigenvectors nearly, by subspace iteration on 2k random directions (seeded: the same X
+    gives the same answer). The iterations only find the subspace, so they run in low
+    precision through X, never forming X'X: bfloat16 products where the CPU has native ones
+    (the last step in float32, so that the subspace ends float32-accurate: a rank that fits in
+    2k directions is still captured to 1e-9), else float32. The Rayleigh-Ritz step that picks
+    the k directions inside it (`ritz`) is float64."""
     n, d = X.shape
     gen = torch.Generator().manual_seed(seed)
     Q = torch.randn(d, min(n, d, 2 * k), generator=gen)  # (d, 2k)
@@ -118,10 +117,16 @@ def top_right_subspace(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 
     X32 = X.float()
     for _ in range(steps + 1):
         Q = _span(X32.T @ (X32 @ Q))
-    Q = torch.linalg.qr(Q.double()).Q  # orthonormal to float64 precision
-    Z = X @ Q  # (n, 2k)
+    return _span(Q.double())  # orthonormal to float64 precision (Q is near-orthonormal already)
+
+
+def ritz(Z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Rayleigh-Ritz for Z = X Q: the k largest eigenvalues of Q'X'XQ (descending, clamped at
+    0) and their eigenvectors W (2k, k); QW are the directions. Ritz values never exceed the
+    true ones, so the energy they leave out is an upper bound on the exact residual, and it is
+    what the directions QW leave."""
     e, W = torch.linalg.eigh(Z.T @ Z)  # ascending
-    return e.flip(0)[:k].clamp_min(0), Q @ W.flip(1)[:, :k]
+    return e.flip(0)[:k].clamp_min(0), W.flip(1)[:, :k]
 
 
 def randomized(n: int, k: int) -> bool:
@@ -143,11 +148,15 @@ def shared_subspace(
         return _shared_subspace_from_gram(ALs, Rs, k, w)
     X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
     if randomized(min(n, d), k):
-        top, V = top_right_subspace(X, k)
         total = float(torch.linalg.vector_norm(X)) ** 2  # every eigenvalue's energy, no eigh needed
+        Q = top_right_basis(X, k)  # (d, 2k)
+        del X
+        T = [AL @ Q for AL in ALs]  # (rows, 2k): X Q = [R_h T_h], and M_h = A_h L B' = T_h W
+        top, W = ritz(torch.cat([R @ t for R, t in zip(Rs, T, strict=True)]), k)
         keep = top > top[:1].clamp_min(1e-300) * 1e-20  # no energy: a zero row in S
-        B = V.T * keep[:, None]  # (k, d), orthonormal rows
-        return w.back(B), [AL @ B.T for AL in ALs], max(0.0, total - float(top.sum())), total
+        W = W * keep  # (2k, k)
+        B = (Q @ W).T  # (k, d), orthonormal rows
+        return w.back(B), [t @ W for t in T], max(0.0, total - float(top.sum())), total
     e, V = torch.linalg.eigh(X.T @ X)  # X taller than wide: the d x d Gram matrix
     e, V = e.flip(0).clamp_min(0), V.flip(1)
     B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
