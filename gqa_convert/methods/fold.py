@@ -14,7 +14,10 @@ Everything is an exact refactoring except one approximation per group:
   folded into queries as N_h', weighted by the queries' second moment.
 Biases are handled by appending a constant-1 input. Families that normalise keys per head
 (q/k norms) cannot fold through the norm, so their keys fall back to mean pooling.
-All math is in float64; results are cast back to each tensor's dtype.
+All math is in float64 (the weights are taken to float64 a head or a group at a time, not
+whole); results are cast back to each tensor's dtype. The one exception: the power steps that
+find a wide group's subspace (`top_right_basis`) run in float32 or bfloat16, followed by a
+float64 Rayleigh-Ritz step.
 """
 
 from __future__ import annotations
