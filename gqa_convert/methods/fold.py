@@ -100,24 +100,23 @@ def _span(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def top_right_basis(X: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> Tensor:
+def top_right_basis(X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> Tensor:
     """An orthonormal basis Q (d, 2k), float64, of a subspace that holds X'X's top k
     eigenvectors nearly, by subspace iteration on 2k random directions (seeded: the same X
-    gives the same answer). The iterations only find the subspace, so they run in low
-    precision through X, never forming X'X: bfloat16 products where the CPU has native ones
-    (the last step in float32, so that the subspace ends float32-accurate: a rank that fits in
-    2k directions is still captured to 1e-9), else float32. The Rayleigh-Ritz step that picks
-    the k directions inside it (`ritz`) is float64."""
-    n, d = X.shape
+    gives the same answer), given X in float32. The iterations only find the subspace, so they
+    run in low precision through X, never forming X'X: bfloat16 products where the CPU has
+    native ones (the last step in float32, so that the subspace ends float32-accurate: a rank
+    that fits in 2k directions is still captured to 1e-9), else float32. The Rayleigh-Ritz
+    step that picks the k directions inside it (`ritz`) is float64."""
+    n, d = X32.shape
     gen = torch.Generator().manual_seed(seed)
     Q = torch.randn(d, min(n, d, 2 * k), generator=gen)  # (d, 2k)
     if native_bf16():
-        X16 = X.bfloat16()
+        X16 = X32.bfloat16()
         for _ in range(steps):
             Q = _span((X16.T @ (X16 @ Q.bfloat16())).float())
-        del X16  # before X32: never both
+        del X16
         steps = 0
-    X32 = X.float()
     for _ in range(steps + 1):
         Q = _span(X32.T @ (X32 @ Q))
     return _span(Q.double())  # orthonormal to float64 precision (Q is near-orthonormal already)
@@ -149,17 +148,26 @@ def shared_subspace(
     n, d = sum(AL.shape[0] for AL in ALs), ALs[0].shape[1]
     if n <= d and not randomized(n, k):
         return _shared_subspace_from_gram(ALs, Rs, k, w)
-    X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
     if randomized(min(n, d), k):
-        total = float(torch.linalg.vector_norm(X)) ** 2  # every eigenvalue's energy, no eigh needed
-        Q = top_right_basis(X, k)  # (d, 2k)
-        del X
+        # the stack X = [R_h A_h L] is only needed in float32 (for the power steps) and for its
+        # energy (every eigenvalue's, no eigh needed): each block is formed in float64, measured,
+        # and stored in float32, never the whole float64 stack nor a join of the blocks
+        X32, total, at = torch.empty(n, d), 0.0, 0
+        for AL, R in zip(ALs, Rs, strict=True):
+            block = R @ AL
+            total += float(torch.linalg.vector_norm(block)) ** 2
+            X32[at : at + len(block)] = block
+            at += len(block)
+        del block
+        Q = top_right_basis(X32, k)  # (d, 2k)
+        del X32
         T = [AL @ Q for AL in ALs]  # (rows, 2k): X Q = [R_h T_h], and M_h = A_h L B' = T_h W
         top, W = ritz(torch.cat([R @ t for R, t in zip(Rs, T, strict=True)]), k)
         keep = top > top[:1].clamp_min(1e-300) * 1e-20  # no energy: a zero row in S
         W = W * keep  # (2k, k)
         B = (Q @ W).T  # (k, d), orthonormal rows
         return w.back(B), [t @ W for t in T], max(0.0, total - float(top.sum())), total
+    X = torch.cat([R @ AL for AL, R in zip(ALs, Rs, strict=True)])  # (r * rows, d)
     e, V = torch.linalg.eigh(X.T @ X)  # X taller than wide: the d x d Gram matrix
     e, V = e.flip(0).clamp_min(0), V.flip(1)
     B = V[:, :k].T  # orthonormal rows: the shared subspace, whitened
