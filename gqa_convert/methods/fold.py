@@ -208,6 +208,21 @@ def _f64(x: Tensor) -> Tensor:
     return x.to(torch.float64, memory_format=torch.contiguous_format)
 
 
+def _evenly(idx: list[int]) -> slice | None:
+    """idx as a slice when it is an evenly spaced, increasing run (rotate-half and interleaved
+    planes both are), else None."""
+    if len(idx) < 2:
+        return slice(idx[0], idx[0] + 1) if idx else None
+    step = idx[1] - idx[0]
+    if step <= 0 or idx != list(range(idx[0], idx[-1] + 1, step)):
+        return None
+    return slice(idx[0], idx[-1] + 1, step)
+
+
+def _shift(sl: slice, by: int) -> slice:
+    return slice(sl.start + by, sl.stop + by, sl.step)
+
+
 def _partition(groups: list[list[int]], n_kv: int) -> bool:
     """Whether the groups hold every KV head exactly once."""
     return sorted(k for g in groups for k in g) == list(range(n_kv))
@@ -353,12 +368,20 @@ def keys(
                     c[at] = u * sigma[:, None] / wt  # conj(c) goes into the queries
                 del Kp
             if apply:
+                # a head's a and b rows: strided views where the planes are evenly spaced (both
+                # layouts), so no gathers and no index_put; the same values either way
+                ra, rb = _evenly(planes_a), _evenly(planes_b)
                 for j, k in enumerate(g):
                     cr, ci = c[:, j].real[:, None], c[:, j].imag[:, None]
                     for h in _q_heads(k, m):
-                        qa, qb = _f64(Wq[h * hd + A]), _f64(Wq[h * hd + B])
-                        new_q[h * hd + A] = (cr * qa + ci * qb).to(new_q.dtype)
-                        new_q[h * hd + B] = (cr * qb - ci * qa).to(new_q.dtype)
+                        if ra is not None and rb is not None:
+                            ia, ib = _shift(ra, h * hd), _shift(rb, h * hd)
+                            qa, qb = _f64(Wq[ia]), _f64(Wq[ib])
+                            new_q[ia], new_q[ib] = cr * qa + ci * qb, cr * qb - ci * qa
+                        else:
+                            qa, qb = _f64(Wq[h * hd + A]), _f64(Wq[h * hd + B])
+                            new_q[h * hd + A] = (cr * qa + ci * qb).to(new_q.dtype)
+                            new_q[h * hd + B] = (cr * qb - ci * qa).to(new_q.dtype)
         if rope.linear:
             lin = list(rope.linear)
             ALs = [_f64(WkL[_rows(k, lin, hd)]) for k in g]
