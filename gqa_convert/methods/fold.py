@@ -68,7 +68,7 @@ PAIR_ROWS_BYTES = 32 * 1024 * 1024  # keys(): the rotary pairs' rows gathered a 
 
 # From this size on, the top-k subspace of a wide group (k at most 1/RANDOMIZED_RATIO of the
 # stack's smaller side) comes from randomized subspace iteration instead of a full eigh: at 7B
-# shapes with G = 1 (a 4096 x 4096 stack, k = 128) that is ~0.7 s instead of ~5.4 s a layer.
+# shapes with G = 1 (a 4096 x 4096 stack, k = 128) that is ~0.3 s instead of ~5.4 s a layer.
 # Smaller problems (G >= 4 at 7B, every model in the tests and ../shared) keep the exact path
 # and their outputs byte for byte.
 RANDOMIZED_FROM = 2048
@@ -88,7 +88,7 @@ def native_bf16() -> bool:
 
 
 def _span(Y: Tensor) -> Tensor:
-    """An orthonormal basis of Y's columns (float32): Cholesky QR (Y'Y = R'R, Q = Y R^-1), ~3x
+    """An orthonormal basis of Y's columns, in Y's dtype: Cholesky QR (Y'Y = R'R, Q = Y R^-1), ~3x
     cheaper than Householder QR at (4096, 256); Householder where Y'Y is too ill-conditioned
     for it. Only the span matters between power steps, so Cholesky QR's looser orthogonality
     is harmless there."""
@@ -206,6 +206,12 @@ def _shared_subspace_from_gram(
 def _f64(x: Tensor) -> Tensor:
     """x in float64, contiguous (a head's columns of o_proj are multiplied ~2x faster so)."""
     return x.to(torch.float64, memory_format=torch.contiguous_format)
+
+
+def _planes(rope: Rope) -> tuple[list[int], list[int], Tensor, Tensor]:
+    """The rotary planes' a and b dims, as lists and as index tensors."""
+    planes_a, planes_b = [a for a, _ in rope.planes], [b for _, b in rope.planes]
+    return planes_a, planes_b, torch.tensor(planes_a, dtype=torch.long), torch.tensor(planes_b, dtype=torch.long)
 
 
 def _evenly(idx: list[int]) -> slice | None:
@@ -331,8 +337,7 @@ def keys(
     covers = _partition(groups, Wk.shape[0] // hd) and _covers(rope, hd)
     new_q = (torch.empty_like(Wq) if covers else Wq.clone()) if apply else Wq
     res = tot = 0.0
-    planes_a, planes_b = [a for a, _ in rope.planes], [b for _, b in rope.planes]
-    A, B = torch.tensor(planes_a, dtype=torch.long), torch.tensor(planes_b, dtype=torch.long)
+    planes_a, planes_b, A, B = _planes(rope)
     Qw = WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
     # (H, hd): how much each query row carries; a head at a time (no (H*hd, d) temporary)
     q_energy = torch.stack([_f64(q).square().sum(-1) for q in Qw])
@@ -374,14 +379,11 @@ def keys(
                 for j, k in enumerate(g):
                     cr, ci = c[:, j].real[:, None], c[:, j].imag[:, None]
                     for h in _q_heads(k, m):
-                        if ra is not None and rb is not None:
-                            ia, ib = _shift(ra, h * hd), _shift(rb, h * hd)
-                            qa, qb = _f64(Wq[ia]), _f64(Wq[ib])
-                            new_q[ia], new_q[ib] = cr * qa + ci * qb, cr * qb - ci * qa
-                        else:
-                            qa, qb = _f64(Wq[h * hd + A]), _f64(Wq[h * hd + B])
-                            new_q[h * hd + A] = (cr * qa + ci * qb).to(new_q.dtype)
-                            new_q[h * hd + B] = (cr * qb - ci * qa).to(new_q.dtype)
+                        ia = h * hd + A if ra is None else _shift(ra, h * hd)
+                        ib = h * hd + B if rb is None else _shift(rb, h * hd)
+                        qa, qb = _f64(Wq[ia]), _f64(Wq[ib])
+                        new_q[ia] = (cr * qa + ci * qb).to(new_q.dtype)
+                        new_q[ib] = (cr * qb - ci * qa).to(new_q.dtype)
         if rope.linear:
             lin = list(rope.linear)
             ALs = [_f64(WkL[_rows(k, lin, hd)]) for k in g]
@@ -490,11 +492,9 @@ class FoldProblem:
         two things keys() forms per group, computed once for the search."""
         if self._key_terms is None:
             hd, m = self.hd, self.m
-            A = torch.tensor([a for a, _ in self.rope.planes], dtype=torch.long)
-            B = torch.tensor([b for _, b in self.rope.planes], dtype=torch.long)
+            planes_a, planes_b, A, B = _planes(self.rope)
             WkL, WqL = self.kq
             q_energy = _f64(WqL.view(-1, hd, WqL.shape[1])).square().sum(-1)  # (H, hd)
-            planes_a, planes_b = A.tolist(), B.tolist()
             gram = pair_gram(pair_rows(WkL, range(self.n_kv), planes_a, planes_b, hd))  # (P, n_kv, n_kv)
             energy = pair_energy(q_energy, A, B, range(self.n_kv), m)  # (P, n_kv)
             self._key_terms = (gram, energy)
