@@ -5,6 +5,7 @@ for every family G = H exact and G < H equal to the source with K/V heads pooled
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -98,6 +99,8 @@ def test_family(tmp_path, case):
                 else cfg.get("num_kv_heads", cfg.get("num_key_value_heads"))
             )
             assert n_kv == g and report.kv_cache["saving"] == 1 - g / H
+            raw = json.loads((tmp_path / f"g{g}" / "config.json").read_text())
+            assert raw.get("num_key_value_heads", g) == g, "a generic KV count beside the family's own is updated too"
         else:
             assert report.kv_cache["saving"] == 0.0, "emulation saves no memory and says so"
         torch.testing.assert_close(logits(out), logits(pooled_reference(model, case, g)), rtol=1e-4, atol=1e-4)

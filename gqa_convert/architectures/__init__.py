@@ -3,6 +3,7 @@ says through it (shape.py), fused QKV layouts (layouts.py) and KV cache arithmet
 
 from .families import (
     FAMILIES,
+    GENERIC_KV_HEADS_KEY,
     KV_ROLES,
     Q_ROLES,
     REQUIRED_ROLES,
@@ -30,6 +31,7 @@ from .shape import (
 
 __all__ = [
     "FAMILIES",
+    "GENERIC_KV_HEADS_KEY",
     "KV_ROLES",
     "Q_ROLES",
     "REQUIRED_ROLES",

@@ -30,6 +30,11 @@ _SEPARATE_QKVO = {
 }
 
 
+# transformers' own name for the KV head count; a config saved by transformers may carry it
+# beside a family's own key (Falcon's num_kv_heads), and the output must keep both true
+GENERIC_KV_HEADS_KEY = "num_key_value_heads"
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family.
@@ -51,7 +56,7 @@ class Family:
     attn: tuple[str, ...] = ("model.layers.{layer}.self_attn.",)
     base_prefix: str = "model."
     heads_key: str = "num_attention_heads"
-    kv_heads_key: str = "num_key_value_heads"
+    kv_heads_key: str = GENERIC_KV_HEADS_KEY
     layers_key: str = "num_hidden_layers"
     hidden_key: str = "hidden_size"
     head_dim_key: str | None = "head_dim"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..architectures import (
+    GENERIC_KV_HEADS_KEY,
     KV_ROLES,
     Family,
     HeadShape,
@@ -408,6 +409,8 @@ def _config_out(
         out[family.kv_heads_key] = n_groups
     else:
         out[family.mqa_flag] = True
+    if GENERIC_KV_HEADS_KEY in config and not (emulate or sibling or n_groups == shape.n_kv_heads):
+        out[GENERIC_KV_HEADS_KEY] = n_groups  # the generic name beside a family's own one stays true
     return out
 
 
