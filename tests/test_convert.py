@@ -369,3 +369,82 @@ def test_a_failed_background_write_fails_the_conversion_cleanly(tmp_path, monkey
         convert(src, 2, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _force_residency(monkeypatch, cached: bool) -> list[int]:
+    """Make every piece of the source look cached (buffered reads) or not (direct reads);
+    returns a list that collects each finished reader's count of bytes read directly."""
+    import gqa_convert.io.reader as reader
+
+    direct: list[int] = []
+    real_close = reader.SequentialReader.close
+
+    def close(self):
+        if self._fd >= 0:
+            direct.append(self.direct_bytes)
+        real_close(self)
+
+    monkeypatch.setattr(reader._Residency, "cached", lambda self, begin, end: cached)
+    monkeypatch.setattr(reader.SequentialReader, "close", close)
+    return direct
+
+
+@pytest.mark.parametrize("chunk", [4096 * 3 + 100, 1 << 20])
+def test_direct_reads_equal_buffered_reads_byte_for_byte(tmp_path, monkeypatch, chunk):
+    """Source pieces read with O_DIRECT (whole aligned blocks around each piece, into the ring
+    and into each attention tensor's own buffer; a small chunk makes every tensor span many
+    reads) give the same output bytes and the same source and output SHA-256 as buffered
+    reads, and every byte of the source was read directly where the filesystem allows it."""
+    import gqa_convert.io.reader as reader
+
+    monkeypatch.setattr(reader, "CHUNK", chunk)
+    src = make_checkpoint(tmp_path, "llama")[0]
+    _force_residency(monkeypatch, True)
+    convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
+    direct = _force_residency(monkeypatch, False)
+    convert(src, 2, out=tmp_path / "direct", max_shard_size="40KB")
+    assert _sha_files_agree(tmp_path / "direct") == _sha_files_agree(tmp_path / "buffered")
+    m = json.loads((tmp_path / "direct" / "gqa_convert.json").read_text())
+    weights = sorted(src.glob("*.safetensors"))
+    for p in weights:
+        assert m["source"]["files"][p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
+    if _direct_works_here(src):
+        assert sum(direct) == sum(p.stat().st_size for p in weights) > 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_source_that_shrinks_while_read_is_a_clear_error(tmp_path, monkeypatch, cached):
+    from gqa_convert.errors import ConversionError
+    from gqa_convert.io.hashing import Hashes
+    from gqa_convert.io.reader import SequentialReader
+
+    _force_residency(monkeypatch, cached)
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(os.urandom(5 * 4096 + 7))
+    with Hashes() as h:
+        r = SequentialReader(p, h)
+        os.truncate(p, 4096 + 3)
+        with pytest.raises(ConversionError, match="ended early"):
+            r.read_into_new(100, 5 * 4096)
+        r.close()
+
+
+def test_residency_sees_what_the_page_cache_holds(tmp_path):
+    """mincore on an untouched mapping: a file evicted from the cache reads as not cached
+    (where eviction works here), and as cached once it has been read."""
+    from gqa_convert.io.reader import _Residency
+
+    p = tmp_path / "w.bin"
+    p.write_bytes(os.urandom(64 * 4096))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        res = _Residency(fd, 64 * 4096)
+        if _direct_works_here(tmp_path):  # a disk filesystem (tmpfs keeps its pages: nothing to evict)
+            assert res.cached(0, 64 * 4096) is False
+        os.pread(fd, 64 * 4096, 0)
+        assert res.cached(4096 + 5, 9 * 4096) is True
+        res.close()
+    finally:
+        os.close(fd)
