@@ -27,9 +27,9 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from .hashing import CHUNK, Hashes
+from .writer import ALIGN  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 
 RING = 3  # buffers: one being read into, one being written out, one still being hashed
-ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 PAGE = mmap.PAGESIZE
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
