@@ -168,7 +168,7 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: str, shape: tu
     return torch.frombuffer(bytearray(buf), dtype=DTYPES[dtype]).reshape(shape)
 
 
-def tensor_from_buffer(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+def tensor_from_buffer(buf: bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor over `buf` itself (no copy): `buf` must not be used for anything else."""
     if len(buf) == 0:
         return torch.empty(shape, dtype=DTYPES[dtype])
