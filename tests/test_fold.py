@@ -218,6 +218,34 @@ def test_span_is_an_orthonormal_basis_even_where_cholesky_fails():
     torch.testing.assert_close(Q @ (Q.T @ Y), Y, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_normal_product_is_x_transpose_x_q(dtype):
+    """The power steps' X'(XQ), computed as ((XQ)'X)' for speed, is X'(XQ)."""
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(96, 80, generator=gen).to(dtype)
+    Q = torch.randn(80, 12, generator=gen).to(dtype)
+    got, want = fold._normal_product(X, Q), X.T @ (X @ Q)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_f64_copies_strided_columns_exactly(dtype):
+    """_f64 of a head's columns (a strided view) is a contiguous float64 copy with the same values."""
+    from gqa_convert.methods.fold import _f64
+
+    W = (torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    cols = W[:, 16:32]
+    got = _f64(cols)
+    assert got.dtype == torch.float64 and got.is_contiguous()
+    assert torch.equal(got, cols.to(torch.float64))
+    if dtype == torch.float64:
+        assert got.data_ptr() != cols.data_ptr()  # strided: a copy, never a view of W
+
+
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_keys_that_are_complex_multiples_share_one_head_exactly(layout):
     """KV heads whose every rotary pair is a complex multiple of another head's (a rotation and a

@@ -95,9 +95,25 @@ def _span(Y: Tensor) -> Tensor:
     R, info = torch.linalg.cholesky_ex(Y.T @ Y, upper=True)
     if int(info) == 0:
         Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-        if bool(torch.isfinite(Q).all()):
+        # a sum is finite only if every entry is (Q's entries are at most ~1, so a finite
+        # Q's sum cannot overflow): 0.07 ms at (4096, 256) against 1.5 ms for isfinite().all()
+        if bool(torch.isfinite(Q.sum())):
             return Q
     return torch.linalg.qr(Y).Q
+
+
+def _normal_product(X: Tensor, Q: Tensor) -> Tensor:
+    """X'(X Q), as ((X Q)' X)': the same numbers (tested), but a product whose wide operand is
+    transposed is ~2x slower on this CPU (4096 x 4096 by 4096 x 256: 63 against 29 ms in
+    float32, 10.6 against 6.5 ms in bfloat16)."""
+    return ((X @ Q).T @ X).T
+
+
+@functools.lru_cache(maxsize=4)
+def _start(d: int, cols: int, seed: int) -> Tensor:
+    """The seeded random start of the subspace iteration (d, cols): the same for every layer
+    of a model, so made once (~4 ms at (4096, 256)). Read only."""
+    return torch.randn(d, cols, generator=torch.Generator().manual_seed(seed))
 
 
 def top_right_basis(X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> Tensor:
@@ -109,16 +125,15 @@ def top_right_basis(X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0
     that fits in 2k directions is still captured to 1e-9), else float32. The Rayleigh-Ritz
     step that picks the k directions inside it (`ritz`) is float64."""
     n, d = X32.shape
-    gen = torch.Generator().manual_seed(seed)
-    Q = torch.randn(d, min(n, d, 2 * k), generator=gen)  # (d, 2k)
+    Q = _start(d, min(n, d, 2 * k), seed)  # (d, 2k)
     if native_bf16():
         X16 = X32.bfloat16()
         for _ in range(steps):
-            Q = _span((X16.T @ (X16 @ Q.bfloat16())).float())
+            Q = _span(_normal_product(X16, Q.bfloat16()).float())
         del X16
         steps = 0
     for _ in range(steps + 1):
-        Q = _span(X32.T @ (X32 @ Q))
+        Q = _span(_normal_product(X32, Q))
     return _span(Q.double())  # orthonormal to float64 precision (Q is near-orthonormal already)
 
 
@@ -198,14 +213,20 @@ def _shared_subspace_from_gram(
     scale = keep / torch.where(keep, s, 1.0)
     Uk = U[:, :k].split([AL.shape[0] for AL in ALs])
     V = [(R.T @ u) * scale for R, u in zip(Rs, Uk, strict=True)]  # (rows, k) each
-    B = sum(v.T @ AL for v, AL in zip(V, ALs, strict=True))  # (k, d)
+    B = sum((AL.T @ v).T for v, AL in zip(V, ALs, strict=True))  # (k, d); v.T @ AL, ~1.5x faster so
     Ms = [sum(P(j, i) @ V[i] for i in range(r)) for j in range(r)]
     return w.back(B), Ms, float(e[k:].sum()), float(e.sum())
 
 
 def _f64(x: Tensor) -> Tensor:
-    """x in float64, contiguous (a head's columns of o_proj are multiplied ~2x faster so)."""
-    return x.to(torch.float64, memory_format=torch.contiguous_format)
+    """x in float64, contiguous (a head's columns of o_proj are multiplied ~2x faster so). A copy
+    into a new contiguous tensor: for a head's bfloat16 columns of o_proj (4096 x 128 at 7B)
+    0.15 ms, where .to(float64, memory_format=contiguous) takes 0.5 ms; the same values."""
+    if x.dtype == torch.float64:
+        return x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float64)
+    out.copy_(x)
+    return out
 
 
 def _planes(rope: Rope) -> tuple[list[int], list[int], Tensor, Tensor]:
