@@ -32,6 +32,7 @@ from .writer import ALIGN  # O_DIRECT offsets, lengths and buffer addresses are 
 RING = 3  # buffers: one being read into, one being written out, one still being hashed
 PAGE = mmap.PAGESIZE
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of a page's byte says resident, the rest are reserved
 
 
 def hub_blob_digest(path: Path) -> str | None:
@@ -91,7 +92,7 @@ class _Residency:
         vec = ctypes.create_string_buffer(pages)
         if self._libc.mincore(self._addr + first, end - first, vec) != 0:
             return None
-        return all(b & 1 for b in vec.raw)
+        return b"\0" not in vec.raw.translate(_RESIDENT)  # in C: a Python loop over pages cost ~0.15 s a 2.5 GB model
 
     def close(self) -> None:
         if self._addr is not None:
@@ -99,7 +100,19 @@ class _Residency:
             self._addr = None
 
 
-def _aligned(buf: bytearray | mmap.mmap) -> int:
+def _uninitialized(size: int) -> bytearray | memoryview:
+    """A writable buffer of `size` bytes, not zeroed first: every byte of it that is used is
+    read into (bytearray zero-fills: ~0.1 s of memset for a 1.1B model's attention tensors).
+    Memory from torch's allocator, exported through numpy; a bytearray without numpy."""
+    import torch
+
+    try:
+        return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+    except (RuntimeError, ImportError):  # torch built without numpy, or numpy absent
+        return bytearray(size)
+
+
+def _aligned(buf: bytearray | memoryview | mmap.mmap) -> int:
     """How many bytes into `buf` its first ALIGN-aligned address lies."""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     return -addr % ALIGN
@@ -145,7 +158,7 @@ class SequentialReader:
             got += n
         return got
 
-    def _fill(self, buf: bytearray | mmap.mmap, at: int, begin: int, n: int) -> memoryview:
+    def _fill(self, buf: bytearray | memoryview | mmap.mmap, at: int, begin: int, n: int) -> memoryview:
         """Read the n bytes at file offset `begin` into buf[at:]; their view. The caller sees
         to it that buf's byte at - begin % ALIGN has an aligned address and that the aligned
         blocks around the piece fit (a direct read fills them whole)."""
@@ -174,7 +187,7 @@ class SequentialReader:
             os.close(self._dfd)
             self._dfd = None
 
-    def _take(self, buf: bytearray | mmap.mmap, at: int, n: int) -> memoryview:
+    def _take(self, buf: bytearray | memoryview | mmap.mmap, at: int, n: int) -> memoryview:
         view = self._fill(buf, at, self._pos, n)
         if self.known is None:
             self.hashes.feed(self.key, view)
@@ -206,7 +219,7 @@ class SequentialReader:
         """The bytes [begin, end) in one buffer of their own, read once (no join, no copy)."""
         self._skip_to(begin)
         n = end - begin
-        buf = bytearray(n + 3 * ALIGN)
+        buf = _uninitialized(n + 3 * ALIGN)
         lead = begin % ALIGN  # at the same offset from an aligned address as in the file
         at = _aligned(buf) + lead
         for off in range(0, n, CHUNK):
