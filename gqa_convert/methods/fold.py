@@ -103,9 +103,9 @@ def _span(Y: Tensor) -> Tensor:
 
 
 def _normal_product(X: Tensor, Q: Tensor) -> Tensor:
-    """X'(X Q), as ((X Q)' X)': the same numbers (tested), but a product whose wide operand is
-    transposed is ~2x slower on this CPU (4096 x 4096 by 4096 x 256: 63 against 29 ms in
-    float32, 10.6 against 6.5 ms in bfloat16)."""
+    """X'(X Q), as ((X Q)' X)': the same numbers (tested), but without a transposed wide
+    operand, which is slower on this CPU (4096 x 4096 by 4096 x 256 in float32: 31-37 against
+    27-30 ms; in bfloat16 0.9-1.6x, varying from run to run)."""
     return ((X @ Q).T @ X).T
 
 
@@ -213,7 +213,7 @@ def _shared_subspace_from_gram(
     scale = keep / torch.where(keep, s, 1.0)
     Uk = U[:, :k].split([AL.shape[0] for AL in ALs])
     V = [(R.T @ u) * scale for R, u in zip(Rs, Uk, strict=True)]  # (rows, k) each
-    B = sum((AL.T @ v).T for v, AL in zip(V, ALs, strict=True))  # (k, d); v.T @ AL, ~1.5x faster so
+    B = sum((AL.T @ v).T for v, AL in zip(V, ALs, strict=True))  # (k, d); v.T @ AL, ~1.3x faster so
     Ms = [sum(P(j, i) @ V[i] for i in range(r)) for j in range(r)]
     return w.back(B), Ms, float(e[k:].sum()), float(e.sum())
 
