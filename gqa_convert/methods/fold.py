@@ -14,10 +14,11 @@ Everything is an exact refactoring except one approximation per group:
   folded into queries as N_h', weighted by the queries' second moment.
 Biases are handled by appending a constant-1 input. Families that normalise keys per head
 (q/k norms) cannot fold through the norm, so their keys fall back to mean pooling.
-All math is in float64 (the weights are taken to float64 a head or a group at a time, not
-whole); results are cast back to each tensor's dtype. The one exception: the power steps that
-find a wide group's subspace (`top_right_basis`) run in float32 or bfloat16, followed by a
-float64 Rayleigh-Ritz step.
+The math runs in one work dtype per layer (`work_dtype`): float32 for a data-free fold of
+16-bit (bfloat16, float16) weights, float64 otherwise; the weights are taken to it a head or a
+group at a time, not whole, and results are cast back to each tensor's dtype. The one
+exception: the power steps that find a wide group's subspace (`top_right_basis`) run in
+float32 or bfloat16, followed by a Rayleigh-Ritz step in the work dtype.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Whitener:
         return Whitener(U * e.sqrt(), (U / e.sqrt()).T)
 
     def white(self, X: Tensor) -> Tensor:
-        return X if self.L is None else _f64(X) @ self.L
+        return X if self.L is None else _cast(X, self.L.dtype) @ self.L
 
     def back(self, X: Tensor) -> Tensor:
         return X if self.L_inv is None else X @ self.L_inv
@@ -116,14 +117,16 @@ def _start(d: int, cols: int, seed: int) -> Tensor:
     return torch.randn(d, cols, generator=torch.Generator().manual_seed(seed))
 
 
-def top_right_basis(X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0) -> Tensor:
-    """An orthonormal basis Q (d, 2k), float64, of a subspace that holds X'X's top k
+def top_right_basis(
+    X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """An orthonormal basis Q (d, 2k), in `dtype` (the work dtype), of a subspace that holds X'X's top k
     eigenvectors nearly, by subspace iteration on 2k random directions (seeded: the same X
     gives the same answer), given X in float32. The iterations only find the subspace, so they
     run in low precision through X, never forming X'X: bfloat16 products where the CPU has
     native ones (the last step in float32, so that the subspace ends float32-accurate: a rank
     that fits in 2k directions is still captured to 1e-9), else float32. The Rayleigh-Ritz
-    step that picks the k directions inside it (`ritz`) is float64."""
+    step that picks the k directions inside it (`ritz`) is in the work dtype."""
     n, d = X32.shape
     Q = _start(d, min(n, d, 2 * k), seed)  # (d, 2k)
     if native_bf16():
@@ -134,7 +137,7 @@ def top_right_basis(X32: Tensor, k: int, steps: int = POWER_STEPS, seed: int = 0
         steps = 0
     for _ in range(steps + 1):
         Q = _span(_normal_product(X32, Q))
-    return _span(Q.double())  # orthonormal to float64 precision (Q is near-orthonormal already)
+    return _span(Q.to(dtype))  # orthonormal to the work dtype's precision (Q is near-orthonormal already)
 
 
 def ritz(Z: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -174,7 +177,7 @@ def shared_subspace(
             X32[at : at + len(block)] = block
             at += len(block)
         del block
-        Q = top_right_basis(X32, k)  # (d, 2k)
+        Q = top_right_basis(X32, k, dtype=ALs[0].dtype)  # (d, 2k)
         del X32
         T = [AL @ Q for AL in ALs]  # (rows, 2k): X Q = [R_h T_h], and M_h = A_h L B' = T_h W
         top, W = ritz(torch.cat([R @ t for R, t in zip(Rs, T, strict=True)]), k)
@@ -218,13 +221,24 @@ def _shared_subspace_from_gram(
     return w.back(B), Ms, float(e[k:].sum()), float(e.sum())
 
 
-def _f64(x: Tensor) -> Tensor:
-    """x in float64, contiguous (a head's columns of o_proj are multiplied ~2x faster so). A copy
-    into a new contiguous tensor: for a head's bfloat16 columns of o_proj (4096 x 128 at 7B)
-    0.15 ms, where .to(float64, memory_format=contiguous) takes 0.5 ms; the same values."""
-    if x.dtype == torch.float64:
+def work_dtype(tensors: dict[str, Tensor], calibrated: bool) -> torch.dtype:
+    """The dtype fold's math runs in: float32 for a data-free fold whose tensors are all stored
+    in 16 bits (bfloat16 or float16), float64 otherwise. Float32 keeps 24 bits where the
+    results keep 8 or 11, and at 7B shapes it halves the cost (one layer at G = 8: ~0.35 s
+    against ~0.7 s); a float32 checkpoint keeps float64, and so does a calibrated fold, whose
+    whitening L and its inverse can magnify rounding by the square root of C's condition number."""
+    if not calibrated and all(t.dtype in (torch.bfloat16, torch.float16) for t in tensors.values()):
+        return torch.float32
+    return torch.float64
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the work dtype, contiguous (a head's columns of o_proj are multiplied ~2x faster so).
+    A copy into a new contiguous tensor: for a head's bfloat16 columns of o_proj (4096 x 128 at
+    7B) 0.15 ms in float64, where .to(float64, memory_format=contiguous) takes 0.5 ms; the same values."""
+    if x.dtype == dtype:
         return x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.float64)
+    out = torch.empty(x.shape, dtype=dtype)
     out.copy_(x)
     return out
 
@@ -268,14 +282,14 @@ def _q_heads(k: int, m: int) -> range:
     return range(k * m, (k + 1) * m)
 
 
-def pair_rows(WkL: Tensor, heads, planes_a: list[int], planes_b: list[int], hd: int) -> Tensor:
+def pair_rows(WkL: Tensor, heads, planes_a: list[int], planes_b: list[int], hd: int, dtype: torch.dtype) -> Tensor:
     """(P, 2r, d), contiguous: for each rotary pair p, the a rows of `heads` then their b rows
     (one gather of whole rows)."""
     P, r = len(planes_a), len(heads)
     idx = torch.tensor(
         [[k * hd + a for k in heads] + [k * hd + b for k in heads] for a, b in zip(planes_a, planes_b, strict=True)]
     )
-    return _f64(WkL.index_select(0, idx.view(-1))).view(P, 2 * r, WkL.shape[1])
+    return _cast(WkL.index_select(0, idx.view(-1)), dtype).view(P, 2 * r, WkL.shape[1])
 
 
 def pair_gram(Kp: Tensor) -> Tensor:
@@ -297,9 +311,9 @@ def pair_weight(energy: Tensor) -> Tensor:
     return energy.sqrt() + 1e-12 * energy.sqrt().amax(1, keepdim=True).clamp_min(1e-30)
 
 
-def value_reach(Wo: Tensor, k: int, m: int, hd: int) -> Tensor:
+def value_reach(Wo: Tensor, k: int, m: int, hd: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """What of KV head k's values reaches the output: sqrt of the sum over its query heads of W_o^h' W_o^h."""
-    cols = [_f64(Wo[:, h * hd : (h + 1) * hd]) for h in _q_heads(k, m)]
+    cols = [_cast(Wo[:, h * hd : (h + 1) * hd], dtype) for h in _q_heads(k, m)]
     return psd_sqrt(sum(c.T @ c for c in cols))
 
 
@@ -313,26 +327,27 @@ def values(
     apply: bool = True,
     WvL: Tensor | None = None,
     Rv: list[Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
 ):
     """Wv: (n_kv*hd, d) augmented and Wo: (hidden, H*hd), any float dtype (a group's rows and a
-    head's columns are taken to float64 when used). Returns (new Wv (G*hd, d), new Wo in Wo's dtype, residual, total).
-    WvL, Rv: w.white(Wv) and value_reach(Wo, ...), when the caller has them (the grouping search
-    asks many times)."""
+    head's columns are taken to the work dtype `dtype` when used). Returns (new Wv (G*hd, d), new
+    Wo in Wo's dtype, residual, total). WvL, Rv: w.white(Wv) and value_reach(Wo, ...), when the
+    caller has them (the grouping search asks many times)."""
     WvL = w.white(Wv) if WvL is None else WvL  # (n_kv*hd, d)
     # every column of o_proj is rewritten when the groups cover every KV head: no copy to start from
     new_o = (torch.empty_like(Wo) if _partition(groups, Wv.shape[0] // hd) else Wo.clone()) if apply else Wo
     new_v = []
     res = tot = 0.0
     for g in groups:
-        ALs = [_f64(WvL[k * hd : (k + 1) * hd]) for k in g]
-        Rs = [value_reach(Wo, k, m, hd) for k in g] if Rv is None else [Rv[k] for k in g]
+        ALs = [_cast(WvL[k * hd : (k + 1) * hd], dtype) for k in g]
+        Rs = [value_reach(Wo, k, m, hd, dtype) for k in g] if Rv is None else [Rv[k] for k in g]
         S, Ms, r, t = shared_subspace(ALs, Rs, hd, w)
         res, tot = res + r, tot + t
         new_v.append(S)
         if apply:
             for k, M in zip(g, Ms, strict=True):
                 for h in _q_heads(k, m):
-                    new_o[:, h * hd : (h + 1) * hd] = _f64(Wo[:, h * hd : (h + 1) * hd]) @ M
+                    new_o[:, h * hd : (h + 1) * hd] = _cast(Wo[:, h * hd : (h + 1) * hd], dtype) @ M
     return torch.cat(new_v), new_o, res, tot
 
 
@@ -346,13 +361,15 @@ def keys(
     w: Whitener,
     apply: bool = True,
     whitened: tuple[Tensor, Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
 ):
-    """Wk: (n_kv*hd, d) and Wq: (H*hd, d), any float dtype (rows are taken to float64 when
-    used), both augmented. Returns (new Wk (G*hd, d), new Wq in Wq's dtype, residual, total);
+    """Wk: (n_kv*hd, d) and Wq: (H*hd, d), any float dtype (rows are taken to the work dtype
+    `dtype` when used), both augmented. Returns (new Wk (G*hd, d), new Wq in Wq's dtype, residual, total);
     with apply=False only the residual and total are computed. whitened: (w.white(Wk), w.white(Wq))."""
     WkL, WqL = (w.white(Wk), w.white(Wq)) if whitened is None else whitened  # whitened rows
     L_inv = None if not apply else w.L_inv
-    new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=torch.float64)
+    new_k = torch.zeros(len(groups) * hd, Wk.shape[1], dtype=dtype)
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     # every row of q_proj is rewritten when the groups cover every KV head and the rotary
     # planes and linear dims cover the head: no copy to start from
     covers = _partition(groups, Wk.shape[0] // hd) and _covers(rope, hd)
@@ -361,23 +378,23 @@ def keys(
     planes_a, planes_b, A, B = _planes(rope)
     Qw = WqL.view(-1, hd, WqL.shape[1])  # (heads, hd, d)
     # (H, hd): how much each query row carries; a head at a time (no (H*hd, d) temporary)
-    q_energy = torch.stack([_f64(q).square().sum(-1) for q in Qw])
+    q_energy = torch.stack([_cast(q, dtype).square().sum(-1) for q in Qw])
     for gi, g in enumerate(groups):
         if len(A):  # the rotary pairs, all at once
             # how much each head's queries use each pair (the weight of its key in the fit)
             weight = pair_weight(pair_energy(q_energy, A, B, g, m))  # (P, r)
-            c = torch.zeros(len(A), len(g), dtype=torch.complex128)  # head j's key ~ c[p, j] * shared
+            c = torch.zeros(len(A), len(g), dtype=cdtype)  # head j's key ~ c[p, j] * shared
             # pair p of head j is the complex row z_j = a_j + i b_j (its two rotary rows); Kp[p]
             # holds the group's a rows, then its b rows: real, so no complex copies. A run of
             # pairs at a time, at most PAIR_ROWS_BYTES of them (at 7B, G = 1: 2 MB a pair)
-            run = max(1, PAIR_ROWS_BYTES // (2 * len(g) * WkL.shape[1] * 8))  # float64 rows
+            run = max(1, PAIR_ROWS_BYTES // (2 * len(g) * WkL.shape[1] * dtype.itemsize))
             for lo in range(0, len(A), run):
                 at = slice(lo, lo + run)
-                Kp = pair_rows(WkL, g, planes_a[at], planes_b[at], hd)  # (p, 2r, d)
+                Kp = pair_rows(WkL, g, planes_a[at], planes_b[at], hd, dtype)  # (p, 2r, d)
                 wt = weight[at]
                 # the best rank-1 fit of each pair's weighted rows w_j z_j, from the top eigenpair
                 # of their small r x r Gram matrix
-                e, U = torch.linalg.eigh(pair_gram(Kp) * (wt[:, :, None] * wt[:, None, :]).to(torch.complex128))
+                e, U = torch.linalg.eigh(pair_gram(Kp) * (wt[:, :, None] * wt[:, None, :]).to(cdtype))
                 top, u = e[:, -1].clamp_min(0), U[:, :, -1]  # (p,), (p, r); e ascending
                 res, tot = res + float((e[:, :-1].clamp_min(0)).sum()), tot + float(e.clamp_min(0).sum())
                 if apply:
@@ -402,13 +419,13 @@ def keys(
                     for h in _q_heads(k, m):
                         ia = h * hd + A if ra is None else _shift(ra, h * hd)
                         ib = h * hd + B if rb is None else _shift(rb, h * hd)
-                        qa, qb = _f64(Wq[ia]), _f64(Wq[ib])
+                        qa, qb = _cast(Wq[ia], dtype), _cast(Wq[ib], dtype)
                         new_q[ia] = (cr * qa + ci * qb).to(new_q.dtype)
                         new_q[ib] = (cr * qb - ci * qa).to(new_q.dtype)
         if rope.linear:
             lin = list(rope.linear)
-            ALs = [_f64(WkL[_rows(k, lin, hd)]) for k in g]
-            q_lin = [[_f64(WqL[_rows(h, lin, hd)]) for h in _q_heads(k, m)] for k in g]
+            ALs = [_cast(WkL[_rows(k, lin, hd)], dtype) for k in g]
+            q_lin = [[_cast(WqL[_rows(h, lin, hd)], dtype) for h in _q_heads(k, m)] for k in g]
             Rs = [psd_sqrt(sum(q @ q.T for q in qs)) for qs in q_lin]
             S, Ns, r, t = shared_subspace(ALs, Rs, len(lin), w)
             res, tot = res + r, tot + t
@@ -416,14 +433,14 @@ def keys(
             if apply:
                 for k, N in zip(g, Ns, strict=True):
                     for h in _q_heads(k, m):
-                        new_q[_rows(h, lin, hd)] = (N.T @ _f64(Wq[_rows(h, lin, hd)])).to(new_q.dtype)
+                        new_q[_rows(h, lin, hd)] = (N.T @ _cast(Wq[_rows(h, lin, hd)], dtype)).to(new_q.dtype)
     return new_k, new_q, res, tot
 
 
-def augment(weight: Tensor, bias: Tensor | None) -> Tensor:
-    """[W | b] in float64, so biases ride along as the weight of a constant-1 input."""
+def augment(weight: Tensor, bias: Tensor | None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """[W | b] in the work dtype, so biases ride along as the weight of a constant-1 input."""
     b = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    return torch.cat([weight.double(), b.double()[:, None]], dim=1)
+    return torch.cat([weight.to(dtype), b.to(dtype)[:, None]], dim=1)
 
 
 class FoldProblem:
@@ -444,24 +461,25 @@ class FoldProblem:
         # Biases ride on a constant-1 input only when the checkpoint has them (else S could grow one).
         self.biased = "k.bias" in tensors and "v.bias" in tensors
         d = tensors["q.weight"].shape[1] + (1 if self.biased else 0)
+        self.dtype = dt = work_dtype(tensors, moment is not None)
         if moment is None:  # data-free: C = I, and the whitening is the identity (no d x d matrix made)
             self.w = Whitener.identity()
         else:
             C = moment.double()
             self.w = Whitener.from_moment(C if self.biased else C[:d, :d])
         aug = (
-            (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias")))
+            (lambda r: augment(tensors[f"{r}.weight"], tensors.get(f"{r}.bias"), dt))
             if self.biased
             else (lambda r: tensors[f"{r}.weight"])
         )
         # The projections stay in the checkpoint's dtype unless augmented (or whitened, below):
-        # keys() and values() take the rows and columns they use to float64 a head or a group at
-        # a time. (Whole float64 copies of the four, a copy of q and o to rewrite and the casts
+        # keys() and values() take the rows and columns they use to the work dtype a head or a group
+        # at a time. (Whole float64 copies of the four, a copy of q and o to rewrite and the casts
         # back were ~0.3 CPU-s of a 7B layer's ~1.2, all memory traffic, and 0.5 GB.)
         self.Wq, self.Wk, self.Wv, self.Wo = aug("q"), aug("k"), aug("v"), tensors["o.weight"]
         # Computed once: every cost() of the grouping search reuses them.
         self.WvL, self.kq = self.w.white(self.Wv), (self.w.white(self.Wk), self.w.white(self.Wq))
-        self.Rv = [value_reach(self.Wo, k, self.m, hd) for k in range(n_kv)]
+        self.Rv = [value_reach(self.Wo, k, self.m, hd, dt) for k in range(n_kv)]
         self.n_kv = n_kv
         self._totals: tuple[float, float] | None = None
         self._value_gram: Tensor | None = None
@@ -474,8 +492,8 @@ class FoldProblem:
         if self._totals is None:
             singles = [[k] for k in range(self.n_kv)]
             m, hd, w = self.m, self.hd, self.w
-            _, _, _, v_total = values(self.Wv, self.Wo, singles, m, hd, w, False, self.WvL, self.Rv)
-            _, _, _, k_total = keys(self.Wk, self.Wq, singles, m, hd, self.rope, w, False, self.kq)
+            _, _, _, v_total = values(self.Wv, self.Wo, singles, m, hd, w, False, self.WvL, self.Rv, self.dtype)
+            _, _, _, k_total = keys(self.Wk, self.Wq, singles, m, hd, self.rope, w, False, self.kq, self.dtype)
             self._totals = (v_total, k_total)
         return self._totals
 
@@ -495,7 +513,7 @@ class FoldProblem:
         (r*hd) product. Computed on first use: only the grouping search needs it."""
         if self._value_gram is None:
             hd = self.hd
-            Y = torch.cat([self.Rv[k] @ _f64(self.WvL[k * hd : (k + 1) * hd]) for k in range(self.n_kv)])
+            Y = torch.cat([self.Rv[k] @ _cast(self.WvL[k * hd : (k + 1) * hd], self.dtype) for k in range(self.n_kv)])
             self._value_gram = Y @ Y.T
         return self._value_gram
 
@@ -515,8 +533,8 @@ class FoldProblem:
             hd, m = self.hd, self.m
             planes_a, planes_b, A, B = _planes(self.rope)
             WkL, WqL = self.kq
-            q_energy = _f64(WqL.view(-1, hd, WqL.shape[1])).square().sum(-1)  # (H, hd)
-            gram = pair_gram(pair_rows(WkL, range(self.n_kv), planes_a, planes_b, hd))  # (P, n_kv, n_kv)
+            q_energy = _cast(WqL.view(-1, hd, WqL.shape[1]), self.dtype).square().sum(-1)  # (H, hd)
+            gram = pair_gram(pair_rows(WkL, range(self.n_kv), planes_a, planes_b, hd, self.dtype))  # (P, n_kv, n_kv)
             energy = pair_energy(q_energy, A, B, range(self.n_kv), m)  # (P, n_kv)
             self._key_terms = (gram, energy)
         return self._key_terms
@@ -525,7 +543,7 @@ class FoldProblem:
         """keys()'s residual for one group, from key_terms: each pair's weighted r x r Gram
         matrix is a scaled block of the cached one (eigvalsh, no vectors)."""
         if self.rope.linear or not self.rope.planes:  # partial rotary: the general path
-            return keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq)[2]
+            return keys(self.Wk, self.Wq, [group], self.m, self.hd, self.rope, self.w, False, self.kq, self.dtype)[2]
         gram, energy = self.key_terms
         idx = torch.tensor(group)
         weight = pair_weight(energy[:, idx])  # (P, r)
@@ -542,9 +560,11 @@ class FoldProblem:
 
     def convert(self, groups: list[list[int]]) -> dict[str, Tensor]:
         t, out = self.t, dict(self.t)
-        new_v, new_o, _, _ = values(self.Wv, self.Wo, groups, self.m, self.hd, self.w, True, self.WvL, self.Rv)
+        new_v, new_o, _, _ = values(
+            self.Wv, self.Wo, groups, self.m, self.hd, self.w, True, self.WvL, self.Rv, self.dtype
+        )
         out["v.weight"], out["o.weight"] = _split(new_v, t, "v", self.biased, out), new_o.to(t["o.weight"].dtype)
-        # keys(), where the peak is, needs none of the value side: its float64 copies go now (a
+        # keys(), where the peak is, needs none of the value side: its work-dtype copies go now (a
         # problem is converted once; the grouping search's cost() runs before, on a problem of its own)
         del new_v, new_o
         self.Wv = self.WvL = self.Wo = self.Rv = self._value_gram = None
@@ -556,7 +576,9 @@ class FoldProblem:
                 if role in t:
                     out[role] = pool_heads(t[role], n_kv, G)
             return out
-        new_k, new_q, _, _ = keys(self.Wk, self.Wq, groups, self.m, self.hd, self.rope, self.w, True, self.kq)
+        new_k, new_q, _, _ = keys(
+            self.Wk, self.Wq, groups, self.m, self.hd, self.rope, self.w, True, self.kq, self.dtype
+        )
         out["k.weight"] = _split(new_k, t, "k", self.biased, out)
         out["q.weight"] = _split(new_q, t, "q", self.biased and "q.bias" in t, out)
         return out
