@@ -168,8 +168,8 @@ def shared_subspace(
         return _shared_subspace_from_gram(ALs, Rs, k, w)
     if randomized(min(n, d), k):
         # the stack X = [R_h A_h L] is only needed in float32 (for the power steps) and for its
-        # energy (every eigenvalue's, no eigh needed): each block is formed in the work dtype, measured,
-        # and stored in float32, never the whole float64 stack nor a join of the blocks
+        # energy (every eigenvalue's, no eigh needed): each block is formed in the work dtype,
+        # measured, and stored in float32, never the whole stack in the work dtype nor a join of the blocks
         X32, total, at = torch.empty(n, d), 0.0, 0
         for AL, R in zip(ALs, Rs, strict=True):
             block = R @ AL
