@@ -152,7 +152,7 @@ def test_randomized_subspace_is_near_the_best_fit(monkeypatch, spectrum, bf16):
     """Large groups (G = 1 at 7B: a 4096 x 4096 Gram matrix, k = 128) take the top-k subspace
     from randomized subspace iteration. Its residual is an upper bound on the exact one and
     close to it: within 0.5% on a flat (random) spectrum, the worst case, to 1e-6 on a decaying
-    one, and exact when the stack's rank fits in the 2k directions (duplicated heads) — with
+    one, and exact when the stack's rank fits in the k + k/4 directions kept (duplicated heads) — with
     its power steps in float32, and in bfloat16 (as on a CPU with native bf16 products)."""
     from gqa_convert.methods import fold
 
@@ -216,6 +216,51 @@ def test_span_is_an_orthonormal_basis_even_where_cholesky_fails():
     assert torch.isfinite(Q).all()
     torch.testing.assert_close(Q.T @ Q, torch.eye(12), atol=1e-5, rtol=0)
     torch.testing.assert_close(Q @ (Q.T @ Y), Y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rank", ["full", "deficient"])
+def test_gram_root_is_a_factor_of_the_gram_matrix(dtype, rank):
+    """gram_root(P) is some R with R'R = P: the Cholesky factor of a full-rank P, the symmetric
+    square root where Cholesky fails (a head of o_proj with repeated columns: P singular)."""
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    if rank == "deficient":
+        W[:, 9:] = W[:, :7]
+    P = (W.T @ W).to(dtype)
+    R = fold.gram_root(P)
+    assert R.dtype == dtype and torch.isfinite(R).all()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(R.T @ R, P, rtol=tol, atol=tol * float(P.abs().max()))
+    assert torch.equal(R, torch.triu(R)) == (rank == "full")  # Cholesky where it can
+
+
+def test_value_fit_is_the_same_with_either_root():
+    """A value fit depends on R'R only: with value_reach's root (Cholesky) and with the
+    symmetric square root of the same Gram matrix, S spans the same subspace, the fitted
+    products M_h S and the residual agree to float64 rounding (a group of 3 heads, 2 query heads
+    each, whose stack is taller than wide: the d x d route)."""
+    from gqa_convert.methods import fold
+
+    gen = torch.Generator().manual_seed(7)
+    hd, m, d, heads = 8, 2, 20, 3
+    Wv = torch.randn(heads * hd, d, generator=gen, dtype=torch.float64)
+    Wo = torch.randn(24, heads * m * hd, generator=gen, dtype=torch.float64)
+    ALs = list(Wv.split(hd))
+    cholesky = [fold.value_reach(Wo, k, m, hd) for k in range(heads)]
+    assert all(torch.equal(R, torch.triu(R)) for R in cholesky)  # value_reach takes the Cholesky factor
+    gram = [
+        sum(Wo[:, h * hd : (h + 1) * hd].T @ Wo[:, h * hd : (h + 1) * hd] for h in fold._q_heads(k, m))
+        for k in range(heads)
+    ]
+    symmetric = [fold.psd_sqrt(P) for P in gram]
+    fits = [fold.shared_subspace(ALs, Rs, hd, fold.Whitener.identity()) for Rs in (cholesky, symmetric)]
+    (S1, M1, res1, tot1), (S2, M2, res2, tot2) = fits
+    for a, b in zip(M1, M2, strict=True):
+        torch.testing.assert_close(a @ S1, b @ S2, rtol=1e-9, atol=1e-9)
+    assert res1 == pytest.approx(res2, rel=1e-9) and tot1 == pytest.approx(tot2, rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
