@@ -495,3 +495,31 @@ def test_fold_of_a_bfloat16_checkpoint(tmp_path, model_type):
     err_fold = (logits(load(tmp_path / "f2", torch.float32)) - want).square().mean()
     err_mean = (logits(load(tmp_path / "m2", torch.float32)) - want).square().mean()
     assert err_fold < err_mean
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fold_with_pruned_and_rank_deficient_output_heads(tmp_path, dtype):
+    """A head whose o_proj columns are all zero (pruned) and one with two equal columns make
+    W_o'W_o singular (gram_root's fallback for that is tested on its own above): the fold stays
+    exact at G = H (to the dtype's rounding), finite at G = 1, and no worse than mean pooling at
+    G = 2, in float32 and in bfloat16."""
+    model = build_model("llama")
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.o_proj.weight
+            w[:, hd : 2 * hd] = 0
+            w[:, 2 * hd + 1] = w[:, 2 * hd]
+    src = save_model(model.to(dtype), tmp_path / "src")
+    want = logits(load(src, torch.float32))
+    n_heads = model.config.num_attention_heads
+    convert(src, n_heads, out=tmp_path / "fH", method="fold")
+    rms = (logits(load(tmp_path / "fH", torch.float32)) - want).square().mean().sqrt()
+    assert rms < (0.02 if dtype == torch.bfloat16 else 1e-4) * want.std()
+    convert(src, 1, out=tmp_path / "f1", method="fold")
+    assert torch.isfinite(logits(load(tmp_path / "f1", torch.float32))).all()
+    convert(src, 2, out=tmp_path / "f2", method="fold")
+    convert(src, 2, out=tmp_path / "m2")
+    err_fold = (logits(load(tmp_path / "f2", torch.float32)) - want).square().mean()
+    err_mean = (logits(load(tmp_path / "m2", torch.float32)) - want).square().mean()
+    assert err_fold <= err_mean
