@@ -412,6 +412,76 @@ def test_direct_reads_equal_buffered_reads_byte_for_byte(tmp_path, monkeypatch, 
         assert sum(direct) == sum(p.stat().st_size for p in weights) > 0
 
 
+@pytest.mark.parametrize("pattern", ["alternate", "all-direct"])
+def test_read_ahead_gives_the_same_bytes_with_reused_slots(tmp_path, monkeypatch, pattern):
+    """The read-ahead thread with tiny blocks and two slots (every slot read into many times,
+    pieces that straddle blocks), where blocks alternate between cached and direct or are all
+    direct: output bytes and both SHA-256 equal those of buffered reads, and no read-ahead
+    thread outlives the conversion."""
+    import threading
+
+    import gqa_convert.io.reader as reader
+
+    monkeypatch.setattr(reader, "CHUNK", 4096 * 3 + 100)
+    src = make_checkpoint(tmp_path, "llama")[0]
+    _force_residency(monkeypatch, True)
+    convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
+    direct = _force_residency(monkeypatch, False)
+    monkeypatch.setattr(reader, "AHEAD_BLOCK", 2 * 4096)
+    monkeypatch.setattr(reader, "AHEAD_SLOTS", 2)
+    if pattern == "alternate":  # the first piece is uncached (so the read-ahead starts), then block by block
+        monkeypatch.setattr(
+            reader._Residency, "cached", lambda self, begin, end: begin > 0 and (begin // (2 * 4096)) % 2 == 1
+        )
+    convert(src, 2, out=tmp_path / "ahead", max_shard_size="40KB")
+    assert _sha_files_agree(tmp_path / "ahead") == _sha_files_agree(tmp_path / "buffered")
+    m = json.loads((tmp_path / "ahead" / "gqa_convert.json").read_text())
+    weights = sorted(src.glob("*.safetensors"))
+    for p in weights:
+        assert m["source"]["files"][p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
+    if _direct_works_here(src):
+        total = sum(p.stat().st_size for p in weights)
+        assert (0 < sum(direct) < total) if pattern == "alternate" else (sum(direct) == total)
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def test_read_ahead_refused_mid_file_falls_back_to_buffered(tmp_path, monkeypatch):
+    """O_DIRECT refused (EINVAL) for a block after the first: the rest is read buffered, with
+    the same bytes and digests; an I/O error on the read-ahead thread reaches the reader."""
+    import errno
+
+    import gqa_convert.io.reader as reader
+    from gqa_convert.io.hashing import Hashes
+
+    src = make_checkpoint(tmp_path, "llama")[0]
+    if not _direct_works_here(src):
+        pytest.skip("O_DIRECT is refused on this filesystem")
+    _force_residency(monkeypatch, True)
+    convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
+    _force_residency(monkeypatch, False)
+    monkeypatch.setattr(reader, "AHEAD_BLOCK", 2 * 4096)
+    real = reader.SequentialReader._pread_all
+    fail = {"errno": errno.EINVAL}
+
+    def pread(fd, view, offset):
+        if offset >= 2 * 4096 and len(view) == 2 * 4096:  # a read-ahead block past the first
+            raise OSError(fail["errno"], os.strerror(fail["errno"]))
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(reader.SequentialReader, "_pread_all", staticmethod(pread))
+    convert(src, 2, out=tmp_path / "refused", max_shard_size="40KB")
+    assert _sha_files_agree(tmp_path / "refused") == _sha_files_agree(tmp_path / "buffered")
+
+    fail["errno"] = errno.EIO
+    weights = sorted(src.glob("*.safetensors"))
+    with Hashes() as h:
+        r = reader.SequentialReader(weights[0], h)
+        with pytest.raises(OSError) as err:
+            r.read_into_new(0, weights[0].stat().st_size)
+        assert err.value.errno == errno.EIO
+        r.close()
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_source_that_shrinks_while_read_is_a_clear_error(tmp_path, monkeypatch, cached):
     from gqa_convert.errors import ConversionError
