@@ -447,7 +447,8 @@ def test_read_ahead_gives_the_same_bytes_with_reused_slots(tmp_path, monkeypatch
 
 def test_read_ahead_refused_mid_file_falls_back_to_buffered(tmp_path, monkeypatch):
     """O_DIRECT refused (EINVAL) for a block after the first: the rest is read buffered, with
-    the same bytes and digests; an I/O error on the read-ahead thread reaches the reader."""
+    the same bytes and digests; an I/O error on the read-ahead thread, or on a buffered read,
+    reaches the user as an error that names the source file."""
     import errno
 
     import gqa_convert.io.reader as reader
@@ -460,15 +461,15 @@ def test_read_ahead_refused_mid_file_falls_back_to_buffered(tmp_path, monkeypatc
     convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
     _force_residency(monkeypatch, False)
     monkeypatch.setattr(reader, "AHEAD_BLOCK", 2 * 4096)
-    real = reader.SequentialReader._pread_all
+    real = reader._ReadAhead._pread_direct
     fail = {"errno": errno.EINVAL}
 
-    def pread(fd, view, offset):
-        if offset >= 2 * 4096 and len(view) == 2 * 4096:  # a read-ahead block past the first
+    def pread(self, view, offset):
+        if offset >= 2 * 4096:  # a read-ahead block past the first
             raise OSError(fail["errno"], os.strerror(fail["errno"]))
-        return real(fd, view, offset)
+        return real(self, view, offset)
 
-    monkeypatch.setattr(reader.SequentialReader, "_pread_all", staticmethod(pread))
+    monkeypatch.setattr(reader._ReadAhead, "_pread_direct", pread)
     convert(src, 2, out=tmp_path / "refused", max_shard_size="40KB")
     assert _sha_files_agree(tmp_path / "refused") == _sha_files_agree(tmp_path / "buffered")
 
@@ -476,10 +477,61 @@ def test_read_ahead_refused_mid_file_falls_back_to_buffered(tmp_path, monkeypatc
     weights = sorted(src.glob("*.safetensors"))
     with Hashes() as h:
         r = reader.SequentialReader(weights[0], h)
-        with pytest.raises(OSError) as err:
+        with pytest.raises(ConversionError, match=f"{weights[0].name}: reading failed"):
             r.read_into_new(0, weights[0].stat().st_size)
-        assert err.value.errno == errno.EIO
         r.close()
+    with pytest.raises(ConversionError, match="reading failed"):
+        convert(src, 2, out=tmp_path / "eio", max_shard_size="40KB")
+    assert not (tmp_path / "eio").exists()
+
+    _force_residency(monkeypatch, True)  # buffered reads only: an error there names the file too
+    monkeypatch.setattr(
+        reader.SequentialReader,
+        "_pread_all",
+        staticmethod(lambda fd, v, o: (_ for _ in ()).throw(OSError(errno.EIO, "EIO"))),
+    )
+    with Hashes() as h:
+        r = reader.SequentialReader(weights[0], h)
+        with pytest.raises(ConversionError, match="reading failed"):
+            r.read_into_new(0, 4096)
+        r.close()
+
+
+@pytest.mark.parametrize("grow", [4096, 8192 + 5, 3 * 4096 * 16])
+def test_a_source_that_grows_while_read_ahead_is_hashed_whole(tmp_path, monkeypatch, grow):
+    """A source file appended to after the read-ahead read its last block (sized when the file
+    was opened) still converts: the bytes past that size come from a buffered read, and the
+    digest is that of the whole grown file."""
+    import gqa_convert.io.reader as reader
+    from gqa_convert.io.hashing import Hashes
+
+    _force_residency(monkeypatch, False)
+    monkeypatch.setattr(reader, "AHEAD_BLOCK", 4 * 4096)
+    p = tmp_path / "w.bin"
+    p.write_bytes(os.urandom(7 * 4 * 4096 + 7))
+    with Hashes() as h:
+        r = reader.SequentialReader(p, h)
+        r.read_into_new(0, 4096)  # starts the read-ahead
+        with open(p, "ab") as f:
+            f.write(os.urandom(grow))
+        digest = r.finish()
+    assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_source_replaced_by_a_fifo_or_a_device_is_refused(tmp_path):
+    """The reader opens without blocking and refuses anything but a regular file (a FIFO put
+    in a shard's place after the checks would hang the open; /dev/zero would never end)."""
+    from gqa_convert.io.hashing import Hashes
+    from gqa_convert.io.reader import SequentialReader
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    dev = tmp_path / "zero.safetensors"
+    dev.symlink_to("/dev/zero")
+    with Hashes() as h:
+        for p in (fifo, dev):
+            with pytest.raises(ConversionError, match="no longer a regular file"):
+                SequentialReader(p, h)
 
 
 @pytest.mark.parametrize("cached", [True, False])

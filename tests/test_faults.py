@@ -147,6 +147,12 @@ BAD_INPUTS = [
         "model.layers.1.self_attn.v_proj.weight: contains NaN or Inf",
     ),
     (
+        "NaN in V weights, fold (converted on a worker thread)",
+        _plant(float("nan")),
+        ["{src}", "-g", "2", "--method", "fold"],
+        "model.layers.1.self_attn.v_proj.weight: contains NaN or Inf",
+    ),
+    (
         "Inf in V weights",
         _plant(float("inf")),
         ["{src}", "-g", "2"],

@@ -25,6 +25,7 @@ import functools
 import mmap
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,14 +143,23 @@ class _ReadAhead:
             if self._res.cached(begin, end) is False:
                 length = min(bb, -(-(end - begin) // ALIGN) * ALIGN)
                 try:
-                    got = SequentialReader._pread_all(
-                        self._dfd, memoryview(self._slots[b % self._n_slots])[:length], begin
-                    )
+                    got = self._pread_direct(memoryview(self._slots[b % self._n_slots])[:length], begin)
                 except OSError as err:
                     got = err
             with self._cond:
                 self._ready[b] = got
                 self._cond.notify_all()
+
+    def _pread_direct(self, view: memoryview, offset: int) -> int:
+        """Read into `view` from `offset` directly; the count read. A short read (the file's
+        end) is not retried: the rest would start at an unaligned offset."""
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._dfd, [view[got:]], offset + got)
+            got += n
+            if not n or got % ALIGN:
+                break
+        return got
 
     def block(self, b: int) -> memoryview | OSError | None:
         """Block b's bytes as read directly (a view of its slot, valid until `release`), the
@@ -200,12 +210,26 @@ class SequentialReader:
         self.hashes = hashes
         self.key = "in/" + path.name
         self.known = hub_blob_digest(path)  # a hub blob is named by its hash: not hashed again
-        self._fd = os.open(path, os.O_RDONLY)
+        # non-blocking, so that a FIFO put in the file's place since it was checked cannot hang
+        # the open (it has no effect on a regular file's reads); anything but a regular file is
+        # refused here (a device such as /dev/zero would never end)
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         self._dfd: int | None = None
         self._res: _Residency | None = None
-        self._size = os.fstat(self._fd).st_size
+        self._ahead: _ReadAhead | None = None
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            self._fd = -1
+            raise ConversionError(
+                f"{path}: is no longer a regular file (replaced while converting?); check the source."
+            )
+        self._size = st.st_size
         try:
             self._dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            d = os.fstat(self._dfd)
+            if (d.st_dev, d.st_ino) != (st.st_dev, st.st_ino):  # the path names another file now
+                self._no_direct()
         except (OSError, AttributeError):  # tmpfs, some FUSE filesystems: buffered reads only
             pass
         if self._dfd is not None:
@@ -218,11 +242,15 @@ class SequentialReader:
         self._pos = 0
         self._ring = [mmap.mmap(-1, CHUNK) for _ in range(RING)]
         self._next = 0
-        self._ahead: _ReadAhead | None = None
         self.direct_bytes = 0
 
     def _ended_early(self) -> ConversionError:
         return ConversionError(f"{self.path}: file ended early (truncated?); fetch it again.")
+
+    def _read_failed(self, err: OSError) -> ConversionError:
+        return ConversionError(
+            f"{self.path}: reading failed ({err.strerror or err}); check the disk, or fetch the file again."
+        )
 
     @staticmethod
     def _pread_all(fd: int, view: memoryview, offset: int) -> int:
@@ -234,6 +262,13 @@ class SequentialReader:
                 break
             got += n
         return got
+
+    def _pread(self, view: memoryview, offset: int) -> int:
+        """_pread_all through the buffered descriptor; an I/O error names the source file."""
+        try:
+            return self._pread_all(self._fd, view, offset)
+        except OSError as err:
+            raise self._read_failed(err) from None
 
     def _fill(self, buf: bytearray | memoryview | mmap.mmap, at: int, begin: int, n: int) -> memoryview:
         """Read the n bytes at file offset `begin` into buf[at:]; their view. Where direct
@@ -251,24 +286,23 @@ class SequentialReader:
                 got = self._ahead.block(b)
                 if isinstance(got, OSError):
                     if got.errno != errno.EINVAL:
-                        raise got
+                        raise self._read_failed(got)
                     self._no_direct()  # refused after all: buffered from here on
                     break
-                if got is None:  # cached: from the cache
-                    if self._pread_all(self._fd, view[pos - begin : stop - begin], pos) < stop - pos:
-                        raise self._ended_early()
-                else:
-                    off = pos - b * bb
-                    if len(got) < off + stop - pos:
-                        raise self._ended_early()
+                off = pos - b * bb
+                if got is not None and len(got) >= off + stop - pos:
                     view[pos - begin : stop - begin] = got[off : off + stop - pos]
                     self.direct_bytes += stop - pos
+                # cached, or past where the block's read ended (the file grew since it was
+                # opened, or shrank: the buffered read tells which): from the cache
+                elif self._pread(view[pos - begin : stop - begin], pos) < stop - pos:
+                    raise self._ended_early()
                 pos = stop
             else:
                 self._ahead.release(end)
                 return view
             begin, view = pos, view[pos - begin :]  # what is left, buffered
-        if self._pread_all(self._fd, view, begin) < len(view):
+        if self._pread(view, begin) < len(view):
             raise self._ended_early()
         return memoryview(buf)[at : at + n]
 
@@ -326,9 +360,12 @@ class SequentialReader:
         for _ in self._read(max(0, size - self._pos)):
             pass
         pos = self._pos
-        while chunk := os.pread(self._fd, CHUNK, pos):  # a file that grew while it was read
-            self.hashes.feed(self.key, chunk)
-            pos += len(chunk)
+        try:
+            while chunk := os.pread(self._fd, CHUNK, pos):  # a file that grew while it was read
+                self.hashes.feed(self.key, chunk)
+                pos += len(chunk)
+        except OSError as err:
+            raise self._read_failed(err) from None
         self.close()
         return self.hashes.hexdigest(self.key)
 
