@@ -518,6 +518,37 @@ def test_a_source_that_grows_while_read_ahead_is_hashed_whole(tmp_path, monkeypa
     assert digest == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def test_a_piece_spanning_more_blocks_than_slots_reads_whole_and_the_thread_ends(tmp_path, monkeypatch):
+    """One read that spans more read-ahead blocks than there are slots (CI once hung here: the
+    consumer waited for a block the thread would read only after a release) reads every byte;
+    asking for a block the slots cannot hold yet fails at once instead of waiting; closing a
+    reader abandoned mid-file ends its thread."""
+    import gqa_convert.io.reader as reader
+    from gqa_convert.io.hashing import Hashes
+
+    direct = _force_residency(monkeypatch, False)
+    monkeypatch.setattr(reader, "AHEAD_BLOCK", 4096)
+    monkeypatch.setattr(reader, "AHEAD_SLOTS", 2)
+    p = tmp_path / "w.bin"
+    data = os.urandom(9 * 4096 + 11)
+    p.write_bytes(data)
+    with Hashes() as h:
+        r = reader.SequentialReader(p, h)
+        assert bytes(r.read_into_new(0, len(data))) == data
+        assert r.finish() == hashlib.sha256(data).hexdigest()
+    if not direct or not direct[-1]:
+        pytest.skip("no O_DIRECT reads on this filesystem")
+    with Hashes() as h:
+        r = reader.SequentialReader(p, h)
+        r.read_into_new(0, 100)
+        ahead = r._ahead
+        with pytest.raises(RuntimeError, match="before block 0 was released"):
+            ahead.block(5)
+        thread = ahead._thread
+        r.close()  # abandoned mid-file
+        assert not thread.is_alive()
+
+
 def test_a_source_replaced_by_a_fifo_or_a_device_is_refused(tmp_path):
     """The reader opens without blocking and refuses anything but a regular file (a FIFO put
     in a shard's place after the checks would hang the open; /dev/zero would never end)."""

@@ -167,6 +167,8 @@ class _ReadAhead:
         with self._cond:
             if b < self._low:
                 raise RuntimeError(f"read-ahead: block {b} asked for after its release")
+            if b >= self._low + self._n_slots:  # would wait forever: the thread waits for a release
+                raise RuntimeError(f"read-ahead: block {b} asked for before block {self._low} was released")
             while b not in self._ready:
                 if b * self.block_bytes >= self._size or not self._thread.is_alive():
                     return None  # past the size it was started with (the file grew): from the cache
@@ -298,8 +300,8 @@ class SequentialReader:
                 elif self._pread(view[pos - begin : stop - begin], pos) < stop - pos:
                     raise self._ended_early()
                 pos = stop
+                self._ahead.release(pos)  # block by block: a piece may span more blocks than there are slots
             else:
-                self._ahead.release(end)
                 return view
             begin, view = pos, view[pos - begin :]  # what is left, buffered
         if self._pread(view, begin) < len(view):
