@@ -14,6 +14,11 @@ kernel's writeback threads, which a buffered copy leaves its dirty pages to; the
 must be otherwise idle), peak RSS, and the median of the per-pair ratio convert / copy.
 The start-up cost alone (imports) is printed first.
 
+Every run starts from the same memory state (--memory): 'hot' pauses a VM's free page
+reporting and backs all memory (as on bare metal), 'settled' first lets the VM hand its free
+pages back to the host. On a VM with free page reporting, a run that needs fresh page-cache pages (`cp`)
+is 2.5-3x as fast in 'hot' as in 'settled'; without either, it depends on what ran before.
+
 Further sections (--sections):
   fold     `--method fold` (data-free) at G=8 and G=1 against mean pooling, warm cache
   search   `--grouping search` cost per layer at 32 and 64 KV heads, in process
@@ -28,6 +33,7 @@ Further sections (--sections):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -156,6 +163,79 @@ def drop_caches() -> bool:
         return False
 
 
+REPORTING = Path("/sys/module/page_reporting/parameters")  # Linux free page reporting (a VM's balloon)
+NO_REPORTING = 11  # above the largest page order: no free block qualifies to be reported
+
+
+def mem_free() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def prefault() -> None:
+    """Touch every free page (less 1 GiB, so a warm source stays cached) and free it again,
+    so that the host backs them all."""
+    import mmap
+
+    n = max(0, mem_free() - 2**30)
+    if n:
+        m = mmap.mmap(-1, n)
+        block = b"\1" * (64 << 20)
+        for off in range(0, n, len(block)):
+            m.write(block[: n - off])
+        m.close()
+
+
+def reported_kib() -> int | None:
+    try:
+        return int((REPORTING / "reported_kib").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def settle() -> None:
+    """Wait until the kernel has reported its free pages to the host (the count stops moving
+    for 2 s; at most 60 s); 6 s where the kernel does not say."""
+    last, still, t0 = reported_kib(), 0.0, time.monotonic()
+    if last is None:
+        time.sleep(6.0)
+        return
+    while still < 2.0 and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+        now = reported_kib()
+        still = still + 0.5 if now == last else 0.0
+        last = now
+
+
+@contextlib.contextmanager
+def memory_state(mode: str) -> Iterator[None]:
+    """The memory every run of a comparison starts from. On a VM whose balloon reports free
+    pages to the host (virtio-balloon free page reporting), the host takes them back, and a
+    page's next touch faults on the host, which shows in the guest as a slow memcpy: a 1.1B
+    `cp` cold took 4.5-6.7 s (3.4-5.5 s sys) where it got such pages, and 1.8-2.1 s (0.7 s)
+    where it reused pages the run just before it had touched. So an alternating benchmark's
+    baseline depended on which command ran before it.
+      hot      reporting paused (needs root; restored afterwards) and every free page touched
+               once: all memory stays backed, as on bare metal
+      settled  reporting on; before each run, wait until it has handed every free page back"""
+    order = REPORTING / "page_reporting_order"
+    saved = None
+    if mode == "hot" and order.exists():
+        saved = order.read_text().strip()
+        try:
+            order.write_text(f"{NO_REPORTING}\n")
+        except OSError as err:
+            raise SystemExit(f"--memory hot needs root on a VM with free page reporting ({err})") from None
+        prefault()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            order.write_text(saved + "\n")
+
+
 def warm_up(root: Path) -> None:
     """Read every file of `root` once, so the source sits in the page cache."""
     for p in sorted(root.iterdir()):
@@ -208,11 +288,18 @@ def run_once(cmd: list[str]) -> Run:
 
 
 def pairs(
-    a: tuple[str, list[str], Path], b: tuple[str, list[str], Path], n: int, cache: str, src: Path
+    a: tuple[str, list[str], Path],
+    b: tuple[str, list[str], Path],
+    n: int,
+    cache: str,
+    src: Path,
+    memory: str = "hot",
 ) -> tuple[list[Run], list[Run]]:
     """n alternating runs of A and B (A first in odd pairs, B first in even ones); outputs
     are removed, and written-back, between runs. cache: 'cold' drops the page cache before
-    every run, 'warm' reads the source once before every run."""
+    every run, 'warm' reads the source once before every run. memory: 'hot' touches and
+    pauses a VM's free page reporting, 'settled' waits for it before every run (see
+    memory_state): either way every run starts from the same state, whatever ran before it."""
     runs: dict[str, list[Run]] = {a[0]: [], b[0]: []}
     for k in range(n):
         for label, cmd, out in (a, b) if k % 2 == 0 else (b, a):
@@ -223,6 +310,8 @@ def pairs(
             else:
                 os.sync()
                 warm_up(src)
+            if memory == "settled":
+                settle()
             r = run_once(cmd)
             runs[label].append(r)
             print(
@@ -241,7 +330,7 @@ def med(xs: list[float]) -> float:
 
 def report_pairs(label_a: str, ra: list[Run], label_b: str, rb: list[Run], gb: float, cache: str) -> dict:
     ratio = med([x.wall / y.wall for x, y in zip(ra, rb, strict=True)])
-    print(f"\n  {cache} cache, {len(ra)} pairs, {gb:.2f} GB; medians")
+    print(f"\n  {cache}, {len(ra)} pairs, {gb:.2f} GB; medians")
     print(
         f"  {'run':<12} {'wall s':>7} {'user s':>7} {'sys s':>6} {'CPU s/GB':>9} {'machine s/GB':>12} "
         f"{'peak RSS GiB':>13}"
@@ -343,6 +432,12 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=3, help="alternating pairs per comparison (medians)")
     ap.add_argument("--cache", default="cold,warm", help="cold, warm or both")
+    ap.add_argument(
+        "--memory",
+        default="hot,settled",
+        help="hot (memory touched just before each run, as on bare metal), settled (a VM's free pages "
+        "handed back to its host first), or both; see pairs()",
+    )
     ap.add_argument("--sections", default="copy", help="comma list of copy, fold, search, calib, naive")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--search-budget", type=float, default=120, help="seconds each search run may take")
@@ -385,17 +480,24 @@ def main() -> None:
                 f"{figures['startup']['cpu']:.2f} s CPU (median of 3)",
                 flush=True,
             )
-            for cache in args.cache.split(","):
-                print(f"{cache} cache: convert --groups {args.groups} vs cp -r && sync", flush=True)
-                ra, rb = pairs(conv, copy, args.pairs, cache, src)
-                figures[f"copy_{cache}"] = report_pairs("gqa-convert", ra, "cp && sync", rb, gb, cache)
+            for memory in args.memory.split(","):
+                for cache in args.cache.split(","):
+                    print(
+                        f"{cache} cache, {memory} memory: convert --groups {args.groups} vs cp -r && sync", flush=True
+                    )
+                    with memory_state(memory):
+                        ra, rb = pairs(conv, copy, args.pairs, cache, src, memory)
+                    figures[f"copy_{cache}_{memory}"] = report_pairs(
+                        "gqa-convert", ra, "cp && sync", rb, gb, f"{cache} cache, {memory} memory"
+                    )
         if "fold" in sections:
             for g in (8, 1):
                 print(f"warm cache: fold (data-free) vs mean, G={g}", flush=True)
                 fold = ("fold", gqa(work / "fold", "--method", "fold", groups=g), work / "fold")
                 mean = ("mean", gqa(work / "mean", groups=g), work / "mean")
-                ra, rb = pairs(fold, mean, args.pairs, "warm", src)
-                figures[f"fold_g{g}"] = report_pairs("fold", ra, "mean", rb, gb, "warm")
+                with memory_state("hot"):
+                    ra, rb = pairs(fold, mean, args.pairs, "warm", src, "hot")
+                figures[f"fold_g{g}"] = report_pairs("fold", ra, "mean", rb, gb, "warm cache")
         if "calib" in sections:
             tok = SHARED / "models" / "stories260K"
             text = SHARED / "data" / "tinystories-valid-train.txt"
@@ -423,7 +525,8 @@ def main() -> None:
                     work / "cal",
                 )
                 free = ("fold", gqa(work / "free", "--method", "fold"), work / "free")
-                ra, rb = pairs(calib, free, 1, "warm", src)
+                with memory_state("hot"):
+                    ra, rb = pairs(calib, free, 1, "warm", src, "hot")
                 extra = ra[0].wall - rb[0].wall
                 print(
                     f"  calibration: {extra:.1f} s for {n} tokens = {n / max(extra, 1e-9):.0f} tokens/s, "
