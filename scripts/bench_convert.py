@@ -297,9 +297,15 @@ def pairs(
 ) -> tuple[list[Run], list[Run]]:
     """n alternating runs of A and B (A first in odd pairs, B first in even ones); outputs
     are removed, and written-back, between runs. cache: 'cold' drops the page cache before
-    every run, 'warm' reads the source once before every run. memory: 'hot' touches and
-    pauses a VM's free page reporting, 'settled' waits for it before every run (see
-    memory_state): either way every run starts from the same state, whatever ran before it."""
+    every run, 'warm' reads the source once before every run. memory: see memory_state;
+    either way every run starts from the same state, whatever ran before it."""
+    with memory_state(memory):
+        return _pairs(a, b, n, cache, src, memory)
+
+
+def _pairs(
+    a: tuple[str, list[str], Path], b: tuple[str, list[str], Path], n: int, cache: str, src: Path, memory: str
+) -> tuple[list[Run], list[Run]]:
     runs: dict[str, list[Run]] = {a[0]: [], b[0]: []}
     for k in range(n):
         for label, cmd, out in (a, b) if k % 2 == 0 else (b, a):
@@ -435,8 +441,8 @@ def main() -> None:
     ap.add_argument(
         "--memory",
         default="hot,settled",
-        help="hot (memory touched just before each run, as on bare metal), settled (a VM's free pages "
-        "handed back to its host first), or both; see pairs()",
+        help="hot (a VM's free page reporting paused and all memory backed, as on bare metal; needs root "
+        "there), settled (each run waits until the VM has handed its free pages back), or both; see memory_state()",
     )
     ap.add_argument("--sections", default="copy", help="comma list of copy, fold, search, calib, naive")
     ap.add_argument("--calib-tokens", type=int, default=1024)
@@ -445,6 +451,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--code", type=Path, default=None, help="a checkout whose gqa_convert to run (default: this one)")
     args = ap.parse_args()
+    for name, allowed in (("cache", {"cold", "warm"}), ("memory", {"hot", "settled"})):
+        if not set(getattr(args, name).split(",")) <= allowed:
+            ap.error(f"--{name}: a comma list of {' and '.join(sorted(allowed))}")
+    if args.pairs < 1:
+        ap.error("--pairs: at least 1")
     global CODE
     CODE = args.code
     sections = set(args.sections.split(","))
@@ -485,8 +496,7 @@ def main() -> None:
                     print(
                         f"{cache} cache, {memory} memory: convert --groups {args.groups} vs cp -r && sync", flush=True
                     )
-                    with memory_state(memory):
-                        ra, rb = pairs(conv, copy, args.pairs, cache, src, memory)
+                    ra, rb = pairs(conv, copy, args.pairs, cache, src, memory)
                     figures[f"copy_{cache}_{memory}"] = report_pairs(
                         "gqa-convert", ra, "cp && sync", rb, gb, f"{cache} cache, {memory} memory"
                     )
@@ -495,8 +505,7 @@ def main() -> None:
                 print(f"warm cache: fold (data-free) vs mean, G={g}", flush=True)
                 fold = ("fold", gqa(work / "fold", "--method", "fold", groups=g), work / "fold")
                 mean = ("mean", gqa(work / "mean", groups=g), work / "mean")
-                with memory_state("hot"):
-                    ra, rb = pairs(fold, mean, args.pairs, "warm", src, "hot")
+                ra, rb = pairs(fold, mean, args.pairs, "warm", src)
                 figures[f"fold_g{g}"] = report_pairs("fold", ra, "mean", rb, gb, "warm cache")
         if "calib" in sections:
             tok = SHARED / "models" / "stories260K"
@@ -525,8 +534,7 @@ def main() -> None:
                     work / "cal",
                 )
                 free = ("fold", gqa(work / "free", "--method", "fold"), work / "free")
-                with memory_state("hot"):
-                    ra, rb = pairs(calib, free, 1, "warm", src, "hot")
+                ra, rb = pairs(calib, free, 1, "warm", src)
                 extra = ra[0].wall - rb[0].wall
                 print(
                     f"  calibration: {extra:.1f} s for {n} tokens = {n / max(extra, 1e-9):.0f} tokens/s, "
