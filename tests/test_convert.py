@@ -315,9 +315,9 @@ def test_direct_writes_equal_buffered_writes_byte_for_byte(tmp_path, monkeypatch
     made = []
     real_init = writer.DirectFile.__init__
 
-    def spy(self, fd):
+    def spy(self, fd, *args):
         made.append(fd)
-        real_init(self, fd)
+        real_init(self, fd, *args)
 
     monkeypatch.setattr(writer, "STAGE", stage)
     monkeypatch.setattr(writer.DirectFile, "__init__", spy)
@@ -327,6 +327,40 @@ def test_direct_writes_equal_buffered_writes_byte_for_byte(tmp_path, monkeypatch
     monkeypatch.setattr(writer.DirectFile, "probe", staticmethod(lambda fd: False))
     convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
     assert _sha_files_agree(tmp_path / "direct") == _sha_files_agree(tmp_path / "buffered")
+
+
+def test_a_staging_buffer_is_refilled_only_after_its_bytes_are_hashed(tmp_path, monkeypatch):
+    """Untouched bytes are read straight into the writer's staging buffers and hashed from
+    there (source and output digests). With hashing slowed down and 4 KB buffers, a buffer
+    refilled before its hash updates ran would give digests of other bytes: the manifest's
+    SHA-256 must still be each written file's, and the source's its own."""
+    import time
+
+    import gqa_convert.io.hashing as hashing
+    import gqa_convert.io.writer as writer
+
+    src = make_checkpoint(tmp_path, "llama")[0]
+    real_sha256 = hashlib.sha256
+
+    class Slow:
+        def __init__(self) -> None:
+            self.h = real_sha256()
+
+        def update(self, data) -> None:
+            time.sleep(0.002)
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(writer, "STAGE", 4096)
+    monkeypatch.setattr(hashing.hashlib, "sha256", Slow)
+    convert(src, 2, out=tmp_path / "out", max_shard_size="40KB")
+    monkeypatch.undo()
+    _sha_files_agree(tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
+    for name, digest in m["source"]["files"].items():
+        assert digest == hashlib.sha256((src / name).read_bytes()).hexdigest()
 
 
 def test_o_direct_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):

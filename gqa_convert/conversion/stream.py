@@ -76,8 +76,11 @@ def write_weights(
                     pass
             elif lp is None and name in plan.transpose_copies:  # Conv1D -> Linear for a sibling architecture
                 writer.write(name, [tensor_bytes(read_tensor(name).T.contiguous())])
+            elif lp is None and source.format == "safetensors":  # untouched: read where they are written from
+                info = source.tensors[name]
+                writer.write_read(name, info.end - info.begin, reader_for(name).into(info.begin))
             elif lp is None:
-                writer.write(name, read_bytes(name))  # untouched: bytes go straight through
+                writer.write(name, read_bytes(name))
             else:
                 pending.setdefault(lp.layer, {})[name] = read_tensor(name)
                 if name in plan.emit_after:

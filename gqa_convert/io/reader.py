@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import ConversionError
@@ -343,6 +343,14 @@ class SequentialReader:
         next is asked for); anything skipped before `begin` is hashed too."""
         self._skip_to(begin)
         yield from self._read(end - begin)
+
+    def into(self, begin: int) -> Callable[[memoryview], memoryview]:
+        """For bytes from `begin` on that go into the caller's buffers (ShardWriter.write_read):
+        skips to `begin` (hashing what is skipped) and returns a function that fills a whole
+        buffer with the next bytes, hashed, and returns it. The caller must not change a buffer
+        before `Hashes.release(buffer)` has returned."""
+        self._skip_to(begin)
+        return lambda view: self._take(view, 0, len(view))
 
     def read_into_new(self, begin: int, end: int) -> memoryview:
         """The bytes [begin, end) in one buffer of their own, read once (no join, no copy)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
-from .hashing import Hashes
+from .hashing import CHUNK, Hashes
 from .safetensors_format import build_header, itemsize, read_header
 
 ST_METADATA = {"format": "pt"}
@@ -59,10 +59,16 @@ ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of 
 class DirectFile:
     """Appends to a file opened with O_DIRECT through two aligned staging buffers: one is
     filled while the other is written by a background thread. `finish` writes the tail
-    (padded to ALIGN, then truncated back) and waits; the caller still fsyncs."""
+    (padded to ALIGN, then truncated back) and waits; the caller still fsyncs.
 
-    def __init__(self, fd: int) -> None:
+    Bytes get into a staging buffer either copied (`append`) or read there by the caller
+    (`reserve`, then `commit`), which saves a copy of every untouched byte. Whatever the caller
+    has queued for hashing from a staging buffer is waited for (`release`) before the buffer is
+    filled again."""
+
+    def __init__(self, fd: int, release: Callable[[object], None] = lambda buf: None) -> None:
         self.fd = fd
+        self._release = release
         self._bufs = [mmap.mmap(-1, STAGE) for _ in range(2)]  # anonymous maps are page-aligned
         self._views = [memoryview(b) for b in self._bufs]
         self._pending: list[Future[None] | None] = [None, None]
@@ -117,6 +123,18 @@ class DirectFile:
         if prev is not None:
             self._pending[self._cur] = None
             prev.result()
+        self._release(self._bufs[self._cur])  # ... and hashed, where the caller read into it
+
+    def reserve(self, n: int) -> memoryview:
+        """Room for the next min(n, what the current staging buffer has left) bytes of the file,
+        to be filled by the caller and then `commit`ted (n >= 1)."""
+        return self._views[self._cur][self._fill : self._fill + min(n, STAGE - self._fill)]
+
+    def commit(self, n: int) -> None:
+        """The first n bytes of the last `reserve` now hold the file's next bytes."""
+        self._fill += n
+        if self._fill == STAGE:
+            self._submit(STAGE)
 
     def append(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -224,6 +242,7 @@ class ShardWriter:
         self._flushed = 0  # of which writeback has been started
         self._direct: DirectFile | None = None
         self.direct = hasattr(os, "O_DIRECT")  # False once a filesystem has refused it
+        self._spare: mmap.mmap | None = None  # write_read's buffer where writes are buffered
 
     @property
     def _key(self) -> str:
@@ -252,7 +271,7 @@ class ShardWriter:
                 self.direct = False
             else:
                 if DirectFile.probe(fd):
-                    self._direct = DirectFile(fd)
+                    self._direct = DirectFile(fd, self.hashes.release)
                     return fd
                 os.close(fd)
                 os.unlink(path)
@@ -283,12 +302,44 @@ class ShardWriter:
             _start_writeback(self._fd, self._flushed, self._written - self._flushed)
             self._flushed = self._written
 
-    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+    def _expect(self, name: str) -> OutTensor:
+        """The planned tensor `name` must come next (its shard opened if it starts one)."""
         if self._fd is None or self._pos == len(self.shards[self._shard]):
             self._open_next()
         expected = self.shards[self._shard][self._pos]
         if expected.name != name:
             raise RuntimeError(f"writer got {name!r}, the plan expects {expected.name!r}")  # a bug, not user error
+        return expected
+
+    def write_read(self, name: str, nbytes: int, read_into: Callable[[memoryview], object]) -> None:
+        """Write tensor `name`, whose nbytes are put into each buffer handed to
+        `read_into(view)` (which fills all of it, in order). With direct writes the buffers are the
+        staging buffers themselves: the bytes are read where they are written from, never
+        copied there. `read_into` may queue hash updates on its view (see DirectFile)."""
+        expected = self._expect(name)
+        if nbytes != expected.nbytes:
+            raise RuntimeError(f"{name}: {nbytes} bytes to write, the plan says {expected.nbytes}")
+        left = nbytes
+        while left:
+            if self._direct is not None:
+                view = self._direct.reserve(min(left, CHUNK))
+            else:
+                if self._spare is None:
+                    self._spare = mmap.mmap(-1, CHUNK)
+                self.hashes.release(self._spare)
+                view = memoryview(self._spare)[: min(left, CHUNK)]
+            read_into(view)
+            if self._direct is not None:
+                self.hashes.feed(self._key, view)
+                self._direct.commit(len(view))
+            else:
+                self._write_all(view)
+            left -= len(view)
+            self.on_bytes(len(view))
+        self._pos += 1
+
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        expected = self._expect(name)
         size = 0
         for chunk in chunks:
             self._write_all(chunk)
