@@ -3,6 +3,7 @@ regrouping, what is written beside the weights, determinism."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -378,6 +379,38 @@ def test_o_direct_refused_at_open_falls_back_to_buffered(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.os, "open", no_direct)
     convert(src, 2, out=tmp_path / "b")
     assert _sha_files_agree(tmp_path / "a") == _sha_files_agree(tmp_path / "b")
+
+
+def test_o_direct_refused_mid_file_falls_back_to_buffered(tmp_path, monkeypatch):
+    """Direct writes refused (EINVAL) from the fourth on, as a file-size limit or a filesystem
+    can do mid-file: the refused write and everything after it are written buffered, and the
+    shards equal a buffered conversion's."""
+    import fcntl
+    import threading
+
+    import gqa_convert.io.writer as writer
+
+    src = make_checkpoint(tmp_path, "llama")[0]
+    if not _direct_works_here(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT at open: no direct writes to refuse later")
+    convert(src, 2, out=tmp_path / "buffered", max_shard_size="40KB")
+    monkeypatch.setattr(writer, "STAGE", 4096)
+    real_pwrite = os.pwrite
+    calls, lock, refused = [], threading.Lock(), []
+
+    def refusing(fd, data, offset):
+        with lock:
+            calls.append(offset)
+            late = len(calls) > 4  # the probe, then three direct writes
+        if late and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", refusing)
+    convert(src, 2, out=tmp_path / "direct", max_shard_size="40KB")
+    assert refused
+    assert _sha_files_agree(tmp_path / "direct") == _sha_files_agree(tmp_path / "buffered")
 
 
 def test_a_failed_background_write_fails_the_conversion_cleanly(tmp_path, monkeypatch):
