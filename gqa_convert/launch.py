@@ -56,12 +56,21 @@ def prefetch(args: list[str], budget: int = PREFETCH) -> None:
             os.close(fd)
 
 
+INTERRUPTED = 130  # as errors.EXIT_INTERRUPTED, which is not imported here: this module stays light
+
+
 def main() -> None:
     threading.Thread(target=prefetch, args=(sys.argv[1:],), daemon=True).start()
-    gc.disable()
     try:
-        from .cli import main as cli_main
-    finally:
-        gc.enable()
-    gc.freeze()
-    cli_main()
+        gc.disable()
+        try:
+            from .cli import main as cli_main
+        finally:
+            gc.enable()
+        gc.freeze()
+        cli_main()
+    except KeyboardInterrupt:
+        # Ctrl-C outside a command's own handling: while torch is imported (the first second or
+        # so) or the command line is parsed. Nothing has been written; one line, not a traceback.
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(INTERRUPTED)

@@ -176,6 +176,24 @@ def test_the_package_imports_the_pipeline_only_when_used():
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
 
 
+def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_exit_130():
+    """Ctrl-C in the first second or so (torch being imported, before any command's own
+    handling) ends with the usual one-line message and exit code, not a traceback. The import
+    is made to be interrupted here (a stub CLI module), so the moment is exact."""
+    code = (
+        "import sys, types\n"
+        "class Stub(types.ModuleType):\n"
+        "    def __getattr__(self, name):\n"
+        "        raise KeyboardInterrupt\n"
+        "sys.modules['gqa_convert.cli'] = Stub('gqa_convert.cli')\n"
+        "sys.argv = ['gqa-convert', '--version']\n"
+        "from gqa_convert.launch import main\n"
+        "main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr == "error: interrupted\n", p.stderr
+
+
 def test_start_up_read_ahead_is_a_harmless_hint(tmp_path, src, monkeypatch):
     """The executable hints the kernel to read the model's first weight files while Python
     imports torch: only regular files of a directory among the first two arguments, within
