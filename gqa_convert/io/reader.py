@@ -1,9 +1,10 @@
 """Reading a source safetensors file front to back exactly once, hashing every byte on
 the way, so the manifest's source hashes cost no second pass over the checkpoint.
 
-Bytes land in a small ring of reused buffers (no fresh allocation per chunk); a buffer is
+Bytes land in a small ring of reused buffers (no fresh allocation per chunk), or in the
+caller's own buffers (`into`: the writer's staging buffers, for untouched tensors); a buffer is
 overwritten only once every hash update that reads it has finished (`Hashes.release`). The
-consumer must be done with a chunk when it asks for the next.
+consumer must be done with a ring chunk when it asks for the next.
 
 Where the filesystem allows it, blocks that are not in the page cache are read with
 O_DIRECT, instead of the kernel filling freshly allocated page-cache pages and copying them

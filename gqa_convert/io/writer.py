@@ -7,7 +7,8 @@ Shards are written with O_DIRECT where the filesystem allows it: bytes go from a
 buffer to the disk, not through the page cache. A buffered write costs a kernel copy into
 freshly allocated page-cache pages (on the 2-core test machine about 2 s of CPU per GB,
 four times what reading costs) and writeback later; with O_DIRECT the CPU cost of writing
-is the copy into the staging buffer. Writes run on a thread of their own, overlapping the
+is the copy into the staging buffer, and for an untouched tensor not even that: the source is
+read straight into the staging buffer (`write_read`). Writes run on a thread of their own, overlapping the
 reading and hashing of what comes next. Where O_DIRECT is refused (tmpfs, some FUSE
 filesystems) the writer falls back to buffered writes with early writeback."""
 
