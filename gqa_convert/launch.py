@@ -18,6 +18,8 @@ import stat
 import sys
 import threading
 
+from .errors import EXIT_INTERRUPTED  # a module of constants: the start stays light
+
 PREFETCH = 1 << 30  # bytes: about what a disk reads while torch is imported
 WEIGHTS = (".safetensors", ".bin")
 
@@ -56,9 +58,6 @@ def prefetch(args: list[str], budget: int = PREFETCH) -> None:
             os.close(fd)
 
 
-INTERRUPTED = 130  # as errors.EXIT_INTERRUPTED, which is not imported here: this module stays light
-
-
 def main() -> None:
     threading.Thread(target=prefetch, args=(sys.argv[1:],), daemon=True).start()
     try:
@@ -73,4 +72,4 @@ def main() -> None:
         # Ctrl-C outside a command's own handling: while torch is imported (the first second or
         # so) or the command line is parsed. Nothing has been written; one line, not a traceback.
         sys.stderr.write("error: interrupted\n")
-        sys.exit(INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)

@@ -361,7 +361,9 @@ def sha256_rate(seconds: float = 1.0) -> float:
     converter's chunk size, for about `seconds`."""
     import hashlib
 
-    piece, h, n = os.urandom(4 << 20), hashlib.sha256(), 0
+    from gqa_convert.io.hashing import CHUNK
+
+    piece, h, n = os.urandom(CHUNK), hashlib.sha256(), 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         h.update(piece)

@@ -322,18 +322,17 @@ class ShardWriter:
             raise RuntimeError(f"{name}: {nbytes} bytes to write, the plan says {expected.nbytes}")
         left = nbytes
         while left:
-            if self._direct is not None:
+            if self._direct is not None:  # read into the staging buffer, hashed there, written from there
                 view = self._direct.reserve(min(left, CHUNK))
-            else:
+                read_into(view)
+                self.hashes.feed(self._key, view)
+                self._direct.commit(len(view))
+            else:  # buffered writes: read into a buffer of our own, reused once its hashes are done
                 if self._spare is None:
                     self._spare = mmap.mmap(-1, CHUNK)
                 self.hashes.release(self._spare)
                 view = memoryview(self._spare)[: min(left, CHUNK)]
-            read_into(view)
-            if self._direct is not None:
-                self.hashes.feed(self._key, view)
-                self._direct.commit(len(view))
-            else:
+                read_into(view)
                 self._write_all(view)
             left -= len(view)
             self.on_bytes(len(view))
